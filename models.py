@@ -628,15 +628,18 @@ def explain_error(exc: BaseException, model: str = "the model", device: torch.de
     names = _names(exc)
     text = " ".join(str(e) for e in _chain(exc))
     repo = f"https://huggingface.co/{model}" if "/" in model else "the model's Hugging Face page"
-    if "GatedRepoError" in names or re.search(r"\bgated\b|\b403\b", text):
-        return (f"{model} is gated: accept its license at {repo} (logged in), then run `hf auth login` "
-                "or set HF_TOKEN to a token with read access.")
-    if re.search(r"\b401\b|Unauthorized|invalid (user )?token", text, re.I):
-        return (f"the Hub refused the access token for {model} (401): run `hf auth login` again or set "
-                "a valid HF_TOKEN.")
+    gated = (f"{model} is gated: accept its license at {repo} (logged in), then run `hf auth login` "
+             "or set HF_TOKEN to a token with read access.")
+    if "GatedRepoError" in names:
+        return gated
     if "RepositoryNotFoundError" in names:
         return (f"{model}: no such repository on the Hugging Face Hub (or it is private): check the id, "
                 "or run `python download_models.py --list`.")
+    if re.search(r"\bgated\b|\b403\b", text):
+        return gated
+    if re.search(r"\b401\b|Unauthorized|invalid (user )?token", text, re.I):
+        return (f"the Hub refused the access token for {model} (401): run `hf auth login` again or set "
+                "a valid HF_TOKEN.")
     if "RevisionNotFoundError" in names:
         return f"{model}: that revision does not exist on the Hub: check --revision."
     if names & set(_NETWORK_ERRORS) or re.search(r"couldn't connect|Name or service not known|offline mode",
