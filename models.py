@@ -495,6 +495,7 @@ def load_model(resolved: Resolved, device: torch.device, dtype: torch.dtype, *, 
             model.to(device)
     if getattr(model.config, "quantization_config", None) is not None and resolved.gguf_file:
         del model.config.quantization_config  # GGUF weights are de-quantised on load
+        model.hf_quantizer = None  # ...so the model saves as plain safetensors (save_pretrained refuses otherwise)
     model.eval()
     return model
 
