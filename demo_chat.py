@@ -199,6 +199,7 @@ class Reply:
     finish_reason: str  # "stop", "length" or "interrupted"
     last: GenerationChunk | None = None  # None when interrupted before the first token
     dropped_turns: int = 0  # oldest user/assistant pairs dropped to fit this reply in the context
+    device_type: str = "cpu"  # says what the peak memory figure measures (see peak_memory_gb)
 
     def stats(self) -> dict:
         if self.last is None:
@@ -321,7 +322,7 @@ def generate_reply(chat: Chat, user_text: str, settings: GenerationSettings, see
         pass
     finally:
         stream.close()
-    reply = Reply(chat.label, text, finish, last, fit.dropped_turns)
+    reply = Reply(chat.label, text, finish, last, fit.dropped_turns, chat.loaded.model.device.type)
     record_reply(chat, reply)
     return reply
 
@@ -335,8 +336,10 @@ def format_footer(reply: Reply) -> str:
     if reply.last is None:
         return "0 tokens · interrupted before the first token"
     c = reply.last
+    # on CPU the figure is the whole process's peak RSS (every loaded model), not this model alone
+    memory = "peak RSS" if reply.device_type == "cpu" else "peak"
     parts = [f"{c.generation_tokens} tokens", f"{c.generation_tps:.1f} tok/s", f"TTFT {c.ttft_s * 1000:.0f} ms",
-             f"peak {c.peak_memory_gb:.2f} GB"]
+             f"{memory} {c.peak_memory_gb:.2f} GB"]
     if reply.finish_reason == "length":
         parts.append("stopped at max_new_tokens")
     elif reply.finish_reason == "interrupted":
@@ -664,8 +667,9 @@ def format_totals(totals: dict) -> list:
             spread(totals["ttft_ms"], 0), f"{totals['peak_memory_gb']:.2f}", totals["dropped_turns"]]
 
 
-TOTALS_HEADERS = ["Model", "Replies", "Tokens", "Decode tok/s (mean ± std)", "TTFT ms (mean ± std)",
-                  "Peak GB", "Dropped turns"]
+TOTALS_HEADERS = ["Model", "Replies", "Tokens", "Decode tok/s", "TTFT ms", "Peak GB", "Dropped turns"]
+TOTALS_NOTE = ("tok/s and TTFT: mean ± std over replies; decode tok/s counts tokens after the first; "
+               "peak GB: torch's peak allocation on CUDA, the whole process's peak RSS on CPU.")
 
 
 def transcript_data(session: Session) -> dict:
@@ -701,7 +705,7 @@ def transcript_markdown(data: dict) -> str:
                "n/a" if t["decode_tps"] is None else f"{t['decode_tps'][0]:.1f} ± {t['decode_tps'][1]:.1f}",
                "n/a" if t["ttft_ms"] is None else f"{t['ttft_ms'][0]:.0f} ± {t['ttft_ms'][1]:.0f}",
                t["peak_memory_gb"], t["dropped_turns"]] for t in data["totals"]]
-    lines += ["## Totals", "", results_io.markdown_table(TOTALS_HEADERS, totals), "## Environment", "",
+    lines += ["## Totals", "", results_io.markdown_table(TOTALS_HEADERS, totals), TOTALS_NOTE, "", "## Environment", "",
               results_io.environment_markdown(data["environment"])]
     return "\n".join(lines)
 
@@ -816,8 +820,9 @@ def run_command(session: Session, command: Command) -> bool:
         json_path, md_path = save_transcript(session, command.arg or None)
         notice(f"transcript saved: {json_path} and {md_path}")
     elif command.name == "stats":
-        rows = [format_totals(session_totals(c)) for c in session.chats]
-        print(results_io.markdown_table(TOTALS_HEADERS, rows), end="")
+        from tabulate import tabulate
+        print(tabulate([format_totals(session_totals(c)) for c in session.chats], TOTALS_HEADERS))
+        notice(TOTALS_NOTE)
     return True
 
 
@@ -897,6 +902,9 @@ def run_batch(session: Session, messages: Iterator[str]) -> None:
             break
         if len(session.rounds) > before:
             json_path, _ = save_transcript(session)
+            if any(r["finish_reason"] == "interrupted" for r in session.rounds[-1]["replies"]):
+                notice("interrupted: the remaining messages are not sent")
+                break
     if json_path is not None:
         notice(f"transcript: {json_path} and {json_path.with_suffix('.md')}")
     else:
@@ -943,16 +951,18 @@ def validate_args(parser: argparse.ArgumentParser, args) -> None:
 
 def load_chats(args) -> list[Chat]:
     """Load every model once; check first that several fit in memory together."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the chat prints its own one-line load summary
     names = args.compare or [args.model]
     if len(names) > 1:
         notice(check_memory(names, args))
     chats = []
     for name in names:
-        print(f"Loading {name} …", end=" ", flush=True)
+        print(f"Loading {name} …", flush=True)
         loaded = models.load_from_args(args, name)
         chat = make_chat(loaded, args.system)
-        print(f"{loaded.load_seconds:.1f} s ({models.device_name(loaded.device)}, {models.dtype_name(loaded.dtype)}, "
-              f"{chat.context_tokens}-token context)", flush=True)
+        print(f"Loaded {chat.label} in {loaded.load_seconds:.1f} s ({models.device_name(loaded.device)}, "
+              f"{models.dtype_name(loaded.dtype)}, {chat.context_tokens}-token context)", flush=True)
         if chat.is_base_model:
             notice(f"{chat.label} is a base model, not instruction-tuned: it is prompted with a plain "
                    "'User: … Assistant:' template, may ramble, and each reply stops where it starts a new 'User:' turn")

@@ -271,7 +271,7 @@ def test_columns_side_by_side_when_wide_sequential_when_narrow():
     lines = wide.splitlines()
     assert "a) model-a" in lines[0] and "b) model-b" in lines[0]
     assert all(len(line) <= 120 for line in lines)
-    assert sum("12 tokens · 25.0 tok/s · TTFT 120 ms · peak 0.50 GB" in line for line in lines) >= 1
+    assert sum("12 tokens · 25.0 tok/s · TTFT 120 ms · peak RSS 0.50 GB" in line for line in lines) >= 1
     assert any("Lyon." in line and "Paris is the" in line for line in lines)  # the replies share rows
     narrow = demo_chat.render_replies(replies, 80)
     assert not any("model-a" in line and "model-b" in line for line in narrow.splitlines())
