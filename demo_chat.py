@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from tabulate import tabulate
 
 import models
 import results_io
@@ -820,7 +821,6 @@ def run_command(session: Session, command: Command) -> bool:
         json_path, md_path = save_transcript(session, command.arg or None)
         notice(f"transcript saved: {json_path} and {md_path}")
     elif command.name == "stats":
-        from tabulate import tabulate
         print(tabulate([format_totals(session_totals(c)) for c in session.chats], TOTALS_HEADERS))
         notice(TOTALS_NOTE)
     return True

@@ -121,8 +121,9 @@ def test_sample_next_greedy_and_nucleus():
 # Generation, history and templates on tiny models
 # ----------------------------------------------------------------------------------------------
 
-def test_stream_generate_greedy_matches_transformers_generate(tiny_loaded):
-    loaded = tiny_loaded["llama"]
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "stablelm", "qwen2", "gemma3"])
+def test_stream_generate_greedy_matches_transformers_generate(tiny_models, family):
+    loaded = models.load(str(tiny_models[family]), device="cpu", dtype="fp32")
     tok = loaded.tokenizer
     ids = demo_chat.encode_conversation(tok, [{"role": "user", "content": "the capital of france"}])
     text, chunks = collect(demo_chat.stream_generate(loaded.model, tok, ids, greedy(20)))
