@@ -107,7 +107,11 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**30
-    import resource
+    try:
+        import resource
+    except ImportError:  # Windows: no peak figure, the current RSS is the closest
+        import psutil
+        return psutil.Process().memory_info().rss / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
@@ -916,7 +920,8 @@ def run_batch(session: Session, messages: Iterator[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    title, examples = __doc__.split("\n\n")[:2]
+    parser = argparse.ArgumentParser(description=title, epilog="examples:\n" + examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_common_args(parser)
     parser.add_argument("--compare", nargs="+", metavar="MODEL",
@@ -954,6 +959,8 @@ def load_chats(args) -> list[Chat]:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the chat prints its own one-line load summary
     names = args.compare or [args.model]
+    for name in names:  # every name is checked before the first (slow) load
+        models.resolve(name)
     if len(names) > 1:
         notice(check_memory(names, args))
     chats = []
