@@ -706,11 +706,8 @@ def transcript_markdown(data: dict) -> str:
             lines += [f"**{reply['model']}:** {reply['text']}", "", f"_{reply['footer']}_", ""]
         if r.get("dropped_turns"):
             lines += [f"(oldest turns dropped to fit the context: {r['dropped_turns']})", ""]
-    totals = [[t["model"], t["replies"], t["tokens"],
-               "n/a" if t["decode_tps"] is None else f"{t['decode_tps'][0]:.1f} ± {t['decode_tps'][1]:.1f}",
-               "n/a" if t["ttft_ms"] is None else f"{t['ttft_ms'][0]:.0f} ± {t['ttft_ms'][1]:.0f}",
-               t["peak_memory_gb"], t["dropped_turns"]] for t in data["totals"]]
-    lines += ["## Totals", "", results_io.markdown_table(TOTALS_HEADERS, totals), TOTALS_NOTE, "", "## Environment", "",
+    totals = results_io.markdown_table(TOTALS_HEADERS, [format_totals(t) for t in data["totals"]])
+    lines += ["## Totals", "", totals, TOTALS_NOTE, "", "## Environment", "",
               results_io.environment_markdown(data["environment"])]
     return "\n".join(lines)
 
@@ -972,7 +969,8 @@ def load_chats(args) -> list[Chat]:
               f"{models.dtype_name(loaded.dtype)}, {chat.context_tokens}-token context)", flush=True)
         if chat.is_base_model:
             notice(f"{chat.label} is a base model, not instruction-tuned: it is prompted with a plain "
-                   "'User: … Assistant:' template, may ramble, and each reply stops where it starts a new 'User:' turn")
+                   "'User: … Assistant:' template, may ramble, and each reply stops where it starts "
+                   "a new 'User:' turn")
         chats.append(chat)
     labels = [c.label for c in chats]
     if len(set(labels)) < len(labels):
