@@ -151,7 +151,8 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], settings: Generatio
     cache = out.past_key_values
     token = sample_next(out.logits[:, -1, :], settings, generator)  # (1,)
     generated: list[int] = []
-    sent = 0  # characters of the decoded reply already yielded
+    text = ""  # the decoded reply so far
+    sent = 0  # characters of `text` already yielded
     first = None  # clock at the first sampled token
     sampled = 0
 
@@ -168,8 +169,8 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], settings: Generatio
         sampled += 1
         if first is None:
             first = time.perf_counter()
-        if token_id in eos_ids:
-            yield chunk("", "stop")
+        if token_id in eos_ids:  # what was held back for a possible stop string is not one: show it
+            yield chunk(text[sent:], "stop")
             return
         generated.append(token_id)
         text = tokenizer.decode(generated, skip_special_tokens=True)

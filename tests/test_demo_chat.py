@@ -205,6 +205,12 @@ def test_eos_and_end_of_turn_stop_the_reply(tiny_loaded):
     text, chunks = collect(demo_chat.stream_generate(ScriptedModel(script, len(loaded.tokenizer)), loaded.tokenizer,
                                                      [1, 2], greedy(50), eos_ids=chat.eos_ids))
     assert text == "paris" and chunks[-1].finish_reason == "stop"
+    # a base model's reply ending in a newline (a possible start of "\nUser:") and then EOS keeps it
+    base = tiny_loaded["gpt_neox"].tokenizer
+    script = base.encode(" Paris.\n") + [base.eos_token_id]
+    text, _ = collect(demo_chat.stream_generate(ScriptedModel(script, len(base)), base, [1, 2], greedy(50),
+                                                stops=["\nUser:"], eos_ids={base.eos_token_id}))
+    assert text == " Paris.\n"
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_what_was_shown(tiny_loaded):
@@ -335,6 +341,17 @@ def test_votes_accumulate_across_runs_in_arena_files(tmp_path):
     assert top["elo"] == pytest.approx(round(demo_chat.elo_ratings(data["votes"])["A"], 1))
     md = (tmp_path / "arena.md").read_text()
     assert "| A | 5 | 3 | 1 | 1 | 70% |" in md and "K = 32" in md
+
+
+def test_compare_on_a_narrow_terminal_streams_one_after_another(tiny_loaded, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    session = make_session([demo_chat.make_chat(t) for t in tiny_loaded.values()], tmp_path, max_new_tokens=4)
+    replies = demo_chat.run_round(session, "hello")
+    out = capsys.readouterr().out
+    a, b = (f"── {x}) {r.model}" for x, r in zip("ab", replies))
+    assert out.index(a) < out.index(demo_chat.format_footer(replies[0])) < out.index(b)
+    assert out.rstrip().endswith(demo_chat.format_footer(replies[1]))
+    assert not any(demo_chat.COLUMN_GAP in line for line in out.splitlines())
 
 
 def test_interactive_compare_records_a_vote(tiny_loaded, tmp_path, monkeypatch, capsys):
