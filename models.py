@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -493,8 +493,13 @@ def load_model(resolved: Resolved, device: torch.device, dtype: torch.dtype, *, 
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
         if qconfig is None:
             model.to(device)
-    if getattr(model.config, "quantization_config", None) is not None and resolved.gguf_file:
-        del model.config.quantization_config  # GGUF weights are de-quantised on load
+    if resolved.gguf_file:
+        # transformers de-quantises GGUF weights to `dtype` on load: the result is a plain dense model,
+        # so drop the quantizer marks that would block save_pretrained and PEFT training.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.eval()
     return model
 
@@ -650,7 +655,7 @@ def explain_error(exc: BaseException, model: str = "the model", device: torch.de
                                               r"Can't load|Unrecognized model", text):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"{model}: cannot load from this location ({first[:200]}): point to a model directory with config.json and weights."
-    if "ValueError" in names and "Unrecognized model" in text or "trust_remote_code" in text:
+    if "trust_remote_code" in text:
         return (f"{model} needs custom code from its repository: review it, then pass --trust-remote-code "
                 "if you trust it.")
     return None
@@ -746,5 +751,3 @@ def spec_of(model_or_name) -> ModelSpec | None:
 def spec_as_dict(spec: ModelSpec) -> dict:
     return dataclasses.asdict(spec)
 
-
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "field")]
