@@ -1,8 +1,8 @@
 """Speculative decoding, shown working: lossless, timed against the target alone, and explained.
 
     python speculative_demo.py --draft qwen2.5-0.5b --target qwen2.5-1.5b --k 4
-    python speculative_demo.py --target /tmp/smollm2-135m --draft self:20 --methods ours,lookup,hf-lookup,hf-assisted --prompt-kind summarise
-    python speculative_demo.py --target /tmp/smollm2-135m --draft self:20 --sweep-k 1,2,4,6,8 --prompt-kind summarise --no-color
+    python speculative_demo.py --target ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --draft self:24 --prompt-kind summarise
+    python speculative_demo.py --target ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --methods lookup,hf-lookup --sweep-k 1,2,4,6,8 --no-color
 
 A draft (a small model, the target's own first N layers, or n-grams copied from the prompt) proposes k
 tokens; the target checks all k in one forward pass and keeps the longest prefix it agrees with, plus
@@ -333,8 +333,12 @@ def hf_generate(model, enc: dict, max_new_tokens: int, temperature: float, extra
                 seed: int) -> tuple[list[int], int]:
     """transformers' generate (target alone or with an assisted-generation option in `extra`);
     returns the new tokens and the number of target forward passes it made."""
-    calls = [0]
-    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls, depth = [0], model.config.get_text_config().num_hidden_layers
+
+    def count_full_depth_call(*_):  # early exit drafts with the same module at a smaller depth: not counted
+        calls[0] += model.config.get_text_config().num_hidden_layers == depth
+
+    handle = model.register_forward_pre_hook(count_full_depth_call)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
         else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     try:
@@ -529,6 +533,13 @@ def default_pair(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     return "qwen2.5-0.5b", "qwen2.5-1.5b"
 
 
+def registry_draft_for(target_name: str) -> str | None:
+    """The smallest registry model listed as a draft for this target, if the target is in the registry."""
+    spec = models.spec_of(target_name)
+    drafts = [d for d in models.REGISTRY.values() if spec is not None and spec.key in d.draft_for]
+    return min(drafts, key=lambda d: d.params).key if drafts else None
+
+
 def choose_methods(requested: str, compat: dict | None, self_layers: int | None) -> list[str]:
     """'auto': every method that applies to this pair; otherwise the listed ones, checked."""
     names = [m.strip() for m in requested.split(",") if m.strip()]
@@ -609,6 +620,19 @@ METHOD_HEADERS = ["method", "tok/s (mean ± std)", "speedup vs target (HF)", "sp
                   "greedy lossless"]
 
 
+SWEEP_HEADERS = ["method", "k", "tok/s (mean ± std)", "speedup vs target (our loop)", "α", "tokens / target fwd",
+                 "c", "verify k+1 (target steps)", "Leviathan prediction", "prediction with measured verify cost",
+                 "peak"]
+
+
+def sweep_rows(sweep: list[dict]) -> list[list]:
+    return [[r["method"], r["k"], r["tok_s"], fmt(r["speedup_vs_loop"], 2, "×"), fmt(r["alpha"]),
+             fmt(r["tokens_per_target_forward"]), fmt(r["c"], 3), fmt(r["verify_ratio"]),
+             fmt(r["predicted_speedup"], 2, "×"),
+             fmt(expected_speedup(r["alpha"], r["k"], r["c"], r["verify_ratio"]), 2, "×"),
+             "◀ peak" if r["peak"] else ""] for r in sweep]
+
+
 def render_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Speculative decoding: {report['target']['model']} with draft {report['compatibility']['draft'] if report['compatibility'] else 'none'}",
@@ -623,7 +647,7 @@ def render_markdown(report: dict) -> str:
         lines += [f"- warning: {w}" for w in c["warnings"]] + [""]
     for kind, res in report["prompts"].items():
         costs = res.get("costs", {})
-        lines += [f"## Prompt: {kind}", "", f"> {res['prompt'][:300]}{'…' if len(res['prompt']) > 300 else ''}", ""]
+        lines += [f"## Prompt: {kind}", "", "> " + " ".join(res["prompt"][:300].split()) + ("…" if len(res["prompt"]) > 300 else ""), ""]
         for label, cost in costs.items():
             lines.append(f"- cost ({label}): target step {cost['target_step_ms']:.1f} ms, draft step "
                          f"{cost['draft_step_ms']:.2f} ms, c = {cost['c']:.3f}, verifying k+1 tokens = "
@@ -636,11 +660,7 @@ def render_markdown(report: dict) -> str:
                           histogram_text(m["histogram"]).rstrip(), "```", ""]
     if report.get("sweep"):
         lines += ["## Sweep over k", "", results_io.markdown_table(
-            ["method", "k", "tok/s (mean ± std)", "speedup vs target (our loop)", "α", "tokens / target fwd",
-             "Leviathan prediction", "peak"], [
-                [r["method"], r["k"], r["tok_s"], fmt(r["speedup_vs_loop"], 2, "×"), fmt(r["alpha"]),
-                 fmt(r["tokens_per_target_forward"]), fmt(r["predicted_speedup"], 2, "×"), "◀ peak" if r["peak"] else ""]
-                for r in report["sweep"]])]
+            SWEEP_HEADERS, sweep_rows(report["sweep"]))]
     return "\n".join(lines) + "\n"
 
 
@@ -872,12 +892,12 @@ def load_setup(args) -> Setup:
     if target_name is None:
         default_draft, target_name = default_pair(device, dtype)
         draft_name = draft_name or default_draft
+    draft_name = draft_name or registry_draft_for(target_name)
     target = models.load_from_args(args, target_name)
     depth = target.model.config.get_text_config().num_hidden_layers
     self_layers = parse_self_draft(draft_name, depth)
-    wanted = choose_methods(args.methods, {"same_tokenizer": True} if draft_name else None, self_layers) \
-        if args.methods != "auto" else None
-    needs_draft = draft_name and (wanted is None or set(wanted) & set(NEEDS_DRAFT_MODEL))
+    wanted = None if args.methods == "auto" else {m.strip() for m in args.methods.split(",")}
+    needs_draft = bool(draft_name) and (wanted is None or bool(wanted & set(NEEDS_DRAFT_MODEL)))
     draft = models.load_from_args(args, draft_name) if needs_draft and self_layers is None else None
     compat = check_compatibility(target, draft, self_layers) if needs_draft else None
     methods = choose_methods(args.methods, compat, self_layers)
@@ -915,9 +935,7 @@ def main(argv=None) -> int:
             write_report(json_path, report)
         if args.sweep_k:
             report["sweep"] = sweep_k(setup, next(iter(prompts.values())), args)
-            print(results_io.markdown_table(["method", "k", "tok/s", "speedup vs our loop", "α", "predicted", "peak"], [
-                [r["method"], r["k"], r["tok_s"], fmt(r["speedup_vs_loop"], 2, "×"), fmt(r["alpha"]),
-                 fmt(r["predicted_speedup"], 2, "×"), "◀" if r["peak"] else ""] for r in report["sweep"]]))
+            print(results_io.markdown_table(SWEEP_HEADERS, sweep_rows(report["sweep"])))
     json_path, md_path = write_report(json_path, report)
     print(f"wrote {json_path} and {md_path}")
     return 0
