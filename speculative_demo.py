@@ -65,7 +65,7 @@ PROMPTS = {
 }
 
 # ANSI colours for the terminal view: draft tokens the target accepted vs tokens the target produced.
-GREEN, YELLOW, RESET = "\033[32m", "\033[33m", "\033[0m"
+GREEN, RESET = "\033[32m", "\033[0m"
 OPEN_MARK, CLOSE_MARK = "«", "»"  # plain-text / Markdown markup around accepted draft spans
 
 
