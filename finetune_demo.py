@@ -124,6 +124,9 @@ def validate_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--eval-fraction must be between 0 and 1")
     if args.adapter is not None and args.merge:
         parser.error("--merge is for a training run; to merge a saved adapter, train with --merge")
+    if args.merge and args.quantize != "none":
+        parser.error("--merge needs full-precision base weights (merging into int4/int8 weights rounds the "
+                     "update away): train with --quantize none, or keep the adapter separate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,20 +379,13 @@ def distributed_rank() -> tuple[int, int | None]:
 
 
 def load_base_model(args, name: str) -> models.Loaded:
-    """The base model via models.load, on this process's GPU when launched distributed.
-
-    GGUF weights arrive de-quantised; their loader's quantizer tag is dropped so that PEFT, TRL and
-    save_pretrained treat them as the plain fp32/bf16 weights they are.
-    """
+    """The base model via models.load, on this process's GPU when launched distributed."""
     _, local_rank = distributed_rank()
     device = args.device
     if local_rank is not None and models.pick_device(device).type == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process; never every rank on cuda:0
-    loaded = models.load(name, device=device, dtype=args.dtype, quantize=args.quantize,
-                         revision=args.revision, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
-    if loaded.resolved.gguf_file:
-        loaded.model.hf_quantizer = None
-    return loaded
+    return models.load(name, device=device, dtype=args.dtype, quantize=args.quantize,
+                       revision=args.revision, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
 
 
 def resolve_lora_targets(requested: str | None, loaded: models.Loaded) -> list[str] | str:
@@ -797,6 +793,8 @@ def run_reload(args) -> int:
     args.model = args.model or recorded["model"]
     args.dataset = args.dataset or recorded["dataset"]
     args.max_new_tokens = args.max_new_tokens or recorded["max_new_tokens"]
+    args.quantize = recorded["quantize"] if args.quantize == "none" else args.quantize
+    args.dtype = recorded["dtype"] if args.dtype == "auto" else args.dtype
     args.eval_limit = args.eval_limit or recorded.get("eval_limit")
     run = Run(args, "finetune-reload")
     examples, source = load_examples(args.dataset)

@@ -7,6 +7,7 @@ other processes make tiny matrix products many times slower, not faster.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -353,3 +354,23 @@ def test_smollm2_does_not_answer_in_json_before_training(smollm2_loaded, builtin
     answers = finetune_demo.generate_answers(smollm2_loaded.model, smollm2_loaded.tokenizer, prompts, 24)
     assert all(a.strip() for a in answers)  # it does answer, in prose
     assert sum(finetune_demo.check_json_answer(a) for a in answers) == 0
+
+
+def test_qlora_int4_trains_only_the_adapter_on_4bit_weights(tiny_models, builtin_examples, tmp_path):
+    """bitsandbytes 0.50 runs 4-bit NF4 on CPU: the base linears are Linear4bit, LoRA B moves."""
+    import bitsandbytes as bnb
+    args = make_args(tiny_models["llama"], finetune_demo.DEFAULT_DATASET, tmp_path, "--quantize", "int4",
+                     "--max-steps", "3", "--grad-accum", "1", "--learning-rate", "1e-2")
+    loaded = finetune_demo.load_base_model(args, args.model)
+    trainer = trainer_for(args, loaded, builtin_examples[:8], tmp_path)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    result = finetune_demo.train(trainer, loaded.device)
+    assert all(math.isfinite(p["loss"]) for p in result["loss_curve"]) and len(result["loss_curve"]) == 3
+    moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert moved
+
+
+def test_merge_with_quantized_weights_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse("--quantize", "int4", "--merge")
+    assert "full-precision" in capsys.readouterr().err
