@@ -142,10 +142,6 @@ class Example:
     split: str | None = None
 
 
-def file_sha256(path: str | Path) -> str:
-    return models.file_sha256(Path(path))
-
-
 def read_records(path: Path) -> list[dict]:
     """Rows of a .jsonl (one object a line) or .json (a list of objects) file.
 
@@ -190,7 +186,7 @@ def load_records(dataset: str) -> tuple[list[dict], dict]:
         if path.suffix not in (".json", ".jsonl"):
             raise models.UserError(f"dataset '{dataset}': expected a .json or .jsonl file")
         rows = read_records(path)
-        return rows, {"source": "file", "path": str(path), "sha256": file_sha256(path)}
+        return rows, {"source": "file", "path": str(path), "sha256": models.file_sha256(path)}
     import datasets
     try:
         hub = datasets.load_dataset(dataset, split="train")
@@ -637,12 +633,14 @@ def short(text: str, limit: int = 90) -> str:
 
 def score_rows(before: dict, after: dict) -> list[list]:
     rows = []
+    def interval(stage: dict, key: str) -> str:
+        return "{:g}–{:g}".format(*stage[key]) if key in stage else "n/a"
     if "format_valid_pct" in after:
         rows.append(["answers in the taught format (%)", before.get("format_valid_pct"), after["format_valid_pct"],
-                     f"{before.get('format_valid_ci95')} → {after['format_valid_ci95']}"])
+                     f"{interval(before, 'format_valid_ci95')} → {interval(after, 'format_valid_ci95')}"])
     if "correct_pct" in after:
         rows.append(["answers matching the reference (%)", before.get("correct_pct"), after["correct_pct"],
-                     f"{before.get('correct_ci95')} → {after['correct_ci95']}"])
+                     f"{interval(before, 'correct_ci95')} → {interval(after, 'correct_ci95')}"])
     for key, label in (("loss", "held-out loss (answer tokens)"), ("token_accuracy", "held-out token accuracy")):
         if key in after:
             rows.append([label, before.get(key), after[key], ""])
@@ -669,6 +667,7 @@ def render_markdown(result: dict) -> str:
             ["peak memory", ", ".join(f"{k} {v}" for k, v in training["memory"].items())],
             ["whole run wall time", f"{result.get('total_wall_seconds')} s"],
             ["load average at start (1/5/15 min)", result.get("load_average")],
+            ["torch CPU threads", result.get("torch_threads")],
         ]), ""]
         curve = training["loss_curve"]
         losses = [p["loss"] for p in curve]
@@ -715,7 +714,9 @@ class Run:
         self.dir = Path(args.output_dir) / f"{kind}-{results_io.timestamp()}"
         self.json_path = self.dir / "finetune_demo.json"
         self.start = time.perf_counter()
-        self.result: dict = {"script": "finetune_demo", "load_average": load_average()}
+        import torch
+        self.result: dict = {"script": "finetune_demo", "load_average": load_average(),
+                             "torch_threads": torch.get_num_threads()}
 
     def save(self) -> None:
         if self.rank != 0:
@@ -769,19 +770,33 @@ def run_training(args) -> int:
     run.result["training"] = train(trainer, loaded.device)
     run.result["after"] = evaluate_held_out(trainer, eval_ds)
     after = answer_and_score("after", run, model, tokenizer, held_out, args, check)
-    adapter_dir = run.dir / "adapter"
-    if run.rank == 0:
-        save_adapter(model, tokenizer, adapter_dir, config)
-        results_io.atomic_write_text(adapter_dir / ANSWERS_NAME, results_io.to_json(
-            {"prompts": [e.prompt for e in held_out], "answers": after, "max_new_tokens": args.max_new_tokens}))
-        if args.merge:
-            save_merged(model, tokenizer, run.dir / "merged")
-            run.result["merged_dir"] = str(run.dir / "merged")
-    run.result["adapter_dir"] = str(adapter_dir)
+    save_outputs(run, model, tokenizer, config, held_out, after, args)
     run.save()
     print_side_by_side(run.result["answers"])
     print_summary(run)
     return 0
+
+
+def save_outputs(run: Run, model, tokenizer, config: dict, held_out: list[Example], after: list[str],
+                 args) -> None:
+    """Adapter + configuration + the "after" answers (for --adapter checks); merged model with --merge."""
+    adapter_dir = run.dir / "adapter"
+    run.result["adapter_dir"] = str(adapter_dir)
+    if run.rank != 0:
+        return
+    save_adapter(model, tokenizer, adapter_dir, config)
+    results_io.atomic_write_text(adapter_dir / ANSWERS_NAME, results_io.to_json(
+        {"prompts": [e.prompt for e in held_out], "answers": after, "max_new_tokens": args.max_new_tokens}))
+    if args.merge:
+        save_merged(model, tokenizer, run.dir / "merged")
+        run.result["merged_dir"] = str(run.dir / "merged")
+
+
+def builtin_if_moved(dataset: str) -> str:
+    """The built-in dataset of this checkout when the recorded one was the built-in file of another."""
+    if not Path(dataset).exists() and Path(dataset).name == Path(DEFAULT_DATASET).name:
+        return DEFAULT_DATASET
+    return dataset
 
 
 def run_reload(args) -> int:
@@ -791,7 +806,7 @@ def run_reload(args) -> int:
     saved = read_adapter_config(adapter_dir)
     recorded = saved["arguments"]
     args.model = args.model or recorded["model"]
-    args.dataset = args.dataset or recorded["dataset"]
+    args.dataset = args.dataset or builtin_if_moved(recorded["dataset"])
     args.max_new_tokens = args.max_new_tokens or recorded["max_new_tokens"]
     args.quantize = recorded["quantize"] if args.quantize == "none" else args.quantize
     args.dtype = recorded["dtype"] if args.dtype == "auto" else args.dtype

@@ -2,6 +2,7 @@
 
     python tests/bench_finetune_throughput.py --model smollm2-135m
     python tests/bench_finetune_throughput.py --model /tmp/smollm2-135m --max-steps 4 --trials 2
+    python tests/bench_finetune_throughput.py --model smollm2-135m --mmlu-dir ../shared/data/mmlu
     python tests/bench_finetune_throughput.py --model tinyllama --device cuda --setups ours trl-default
 
 Not a test (pytest does not collect it): it prints figures and writes results/bench_finetune-*.json/.md.
@@ -15,12 +16,19 @@ order (same seed, batch size, learning rate, dtype); only the batch layout and T
 Tokens/s counts real tokens only (no pad), so a setup cannot look faster by processing padding.
 The loss per optimizer step of each setup is recorded beside ours: same batches, so the curves must
 match to float precision ("same loss behaviour").
+
+The gain from padding-free batches is 1 / (1 - pad share) at most, so it depends on how much the
+lengths in a batch differ. `--mmlu-dir` swaps the built-in dataset (short, similar lengths) for
+MMLU test questions as instruction -> "Answer: X" examples, whose lengths range from a line to a
+page, like most real instruction data.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -33,6 +41,7 @@ import results_io  # noqa: E402
 DEFAULT_MAX_STEPS = 4
 DEFAULT_TRIALS = 2
 DEFAULT_GRAD_ACCUM = 2
+DEFAULT_MMLU_EXAMPLES = 200
 SETUPS = {  # name -> finetune_demo arguments that differ
     "ours": ["--batching", "padding-free", "--gradient-checkpointing", "off"],
     "padded": ["--batching", "padded", "--gradient-checkpointing", "off"],
@@ -50,11 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"default: {finetune_demo.DEFAULT_BATCH_SIZE}")
     parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"default: {DEFAULT_TRIALS}")
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--mmlu-dir", default=None,
+                        help="use MMLU test questions (CSV layout, e.g. ../shared/data/mmlu) instead of --dataset")
     return parser
 
 
+def mmlu_examples(mmlu_dir: str, n: int, seed: int) -> list:
+    """`n` MMLU test questions drawn by seed over all subjects, as question+choices -> 'Answer: X'."""
+    rows = []
+    for path in sorted(Path(mmlu_dir, "test").glob("*_test.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows += [r for r in csv.reader(fh) if len(r) == 6]
+    if not rows:
+        raise models.UserError(f"no MMLU test CSVs under {mmlu_dir}/test: pass the folder holding test/")
+    picked = random.Random(seed).sample(rows, min(n, len(rows)))
+    return [finetune_demo.Example([{"role": "user", "content": f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}"}],
+                                  f"Answer: {ans}") for q, a, b, c, d, ans in picked]
+
+
 def setup_args(args, setup: str):
-    argv = ["--model", args.model, "--dataset", args.dataset, "--device", args.device, "--dtype", args.dtype,
+    argv = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
             "--seed", str(args.seed), "--max-steps", str(args.max_steps), "--grad-accum", str(args.grad_accum),
             "--batch-size", str(args.batch_size), "--output-dir", args.output_dir, *SETUPS[setup]]
     return finetune_demo.build_parser().parse_args(argv)
@@ -92,7 +116,7 @@ def summarise(trials: list[dict], setups: list[str]) -> list[dict]:
     for setup in setups:
         runs = [t for t in trials if t["setup"] == setup]
         mean, std = results_io.mean_std([t["tokens_per_second"] for t in runs])
-        loss_gap = (max(abs(a - b) for a, b in zip(runs[0]["losses"], ours[0]["losses"])) if ours else None)
+        loss_gap = (round(max(abs(a - b) for a, b in zip(runs[0]["losses"], ours[0]["losses"])), 4) if ours else None)
         rows.append({"setup": setup, "tokens_per_second_mean": round(mean, 1), "tokens_per_second_std": round(std, 1),
                      "trials": [t["tokens_per_second"] for t in runs], "pad_share_pct": runs[0]["pad_share_pct"],
                      "ours_speedup": round(base_speed / mean, 2) if base_speed else None,
@@ -110,7 +134,7 @@ def render_markdown(result: dict) -> str:
     lines = [f"# Fine-tuning throughput: {result['model']['model']} ({result['model']['dtype']}, "
              f"{result['model']['device_name']})", "",
              f"{s['max_steps']} optimizer steps x {s['grad_accum']} micro-batches of {s['batch_size']} examples, "
-             f"{s['trials']} trials per setup, interleaved; torch threads {s['torch_threads']}; "
+             f"{s['trials']} trials per setup, interleaved; data: {s['dataset']}; torch threads {s['torch_threads']}; "
              f"load average {result['load_average_start']} (start) / {result['load_average_end']} (end).", "",
              results_io.markdown_table(["setup", "real tokens/s (mean ± std)", "trials", "pad share %",
                                         "ours is x faster", "loss per step", "max loss gap vs ours",
@@ -125,8 +149,12 @@ def main(argv=None) -> int:
     import torch
     args = build_parser().parse_args(argv)
     args.model = finetune_demo.absolute_if_local(args.model)
-    examples, _ = finetune_demo.load_examples(args.dataset)
-    train_examples, _ = finetune_demo.split_examples(examples, finetune_demo.DEFAULT_EVAL_FRACTION, args.seed)
+    if args.mmlu_dir:
+        train_examples = mmlu_examples(args.mmlu_dir, DEFAULT_MMLU_EXAMPLES, args.seed)
+        args.dataset = f"MMLU test, {len(train_examples)} questions drawn with seed {args.seed}"
+    else:
+        examples, _ = finetune_demo.load_examples(args.dataset)
+        train_examples, _ = finetune_demo.split_examples(examples, finetune_demo.DEFAULT_EVAL_FRACTION, args.seed)
     load_start = finetune_demo.load_average()
     trials = []
     for trial in range(args.trials):  # interleave setups so load drift hits each alike
