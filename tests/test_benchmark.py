@@ -87,9 +87,13 @@ def test_single_pass_matches_per_choice_scoring(tiny_models):
     fast = benchmark.score_mmlu(loaded.model, reqs, loaded.device, pad, batch_size=4)
     slow = benchmark.score_mmlu(loaded.model, reqs, loaded.device, pad, batch_size=4, single_pass=False)
     unbatched = benchmark.score_mmlu(loaded.model, reqs, loaded.device, pad, batch_size=1)
+    prefix = benchmark.compute_shared_prefix(loaded.model, reqs, loaded.device)
+    assert prefix is not None and prefix.length >= benchmark.MIN_SHARED_PREFIX_TOKENS  # the cached path is tested
+    no_cache = benchmark.score_mmlu(loaded.model, reqs, loaded.device, pad, batch_size=4, share_prefix=False)
     for key in fast:
         assert fast[key] == pytest.approx(slow[key], abs=1e-4)
         assert fast[key] == pytest.approx(unbatched[key], abs=1e-4)
+        assert fast[key] == pytest.approx(no_cache[key], abs=1e-4)
     # a log-likelihood computed by hand for one question and letter
     r = reqs[0]
     with torch.no_grad():
