@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import csv
 import functools
 import gc
@@ -800,8 +801,20 @@ def load_for_benchmark(args, name: str, quantize: str):
     return model, None, device, context
 
 
-def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
+def release_memory() -> None:
+    """Give freed memory back to the OS, so the next model's RSS baseline excludes the last model."""
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
+        except OSError:
+            pass
+
+
+def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
+    release_memory()
     baseline_rss = process_rss()
     models.set_seed(args.seed)
     model, tokenizer, device, context = load_for_benchmark(args, name, quantize)
@@ -823,7 +836,7 @@ def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
     if not args.skip_humaneval:
         entry["humaneval"] = quality_na or run_humaneval(model, tokenizer, device, args, progress_factory)
     del model
-    gc.collect()
+    release_memory()
     return entry
 
 
