@@ -848,9 +848,12 @@ def gb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e9:.2f}"
 
 
-def fmt_stat(block: dict | None, digits: int = 1) -> str:
+def fmt_stat(block: dict | None, digits: int | None = None) -> str:
+    """mean ± std; two decimals below 10 so slow CPU figures keep their spread."""
     if not isinstance(block, dict) or "mean" not in block:
         return "n/a"
+    if digits is None:
+        digits = 1 if abs(block["mean"]) >= 10 else 2
     return f"{block['mean']:.{digits}f} ± {block['std']:.{digits}f}"
 
 
@@ -878,9 +881,12 @@ def humaneval_cell(entry: dict) -> str:
 
 
 def summary_rows(data: dict) -> tuple[list[str], list[list]]:
-    shots = [str(k) for k in data["settings"]["mmlu_shots"]]
-    headers = (["Model", "Params", "Quant", "Load s", "Disk GB", "Prefill tok/s", "Decode tok/s", "TTFT ms",
-                "Peak GB"] + [f"MMLU {k}-shot % [95% CI]" for k in shots] + ["HumanEval pass@1"])
+    """The summary table; columns of skipped phases are left out."""
+    st = data["settings"]
+    shots = [] if st["skip_mmlu"] else [str(k) for k in st["mmlu_shots"]]
+    speed_cols = [] if st["skip_speed"] else ["Prefill tok/s", "Decode tok/s", "TTFT ms", "Peak GB"]
+    headers = (["Model", "Params", "Quant", "Load s", "Disk GB"] + speed_cols
+               + [f"MMLU {k}-shot % [95% CI]" for k in shots] + ([] if st["skip_humaneval"] else ["HumanEval pass@1"]))
     rows = []
     for key, e in data["models"].items():
         if "error" in e:
@@ -888,29 +894,41 @@ def summary_rows(data: dict) -> tuple[list[str], list[list]]:
             continue
         speed = e.get("speed", {})
         load = e.get("load_seconds")
-        rows.append([e["model"], f"{e['params'] / 1e9:.3f}B", e["quantize"],
-                     "n/a (synthetic)" if load is None else f"{load:.1f}", gb(e.get("disk_bytes")),
-                     fmt_stat(speed.get("prefill")), fmt_stat(speed.get("decode")), fmt_stat(speed.get("ttft"), 0),
-                     gb(e.get("memory", {}).get("peak_bytes")) if "memory" in e else "skipped"]
-                    + [mmlu_cell(e, k) for k in shots] + [humaneval_cell(e)])
+        row = [e["model"], f"{e['params'] / 1e9:.3f}B", e["quantize"],
+               "n/a (synthetic)" if load is None else f"{load:.1f}", gb(e.get("disk_bytes"))]
+        if speed_cols:
+            row += [fmt_stat(speed.get("prefill")), fmt_stat(speed.get("decode")), fmt_stat(speed.get("ttft"), 0),
+                    gb(e.get("memory", {}).get("peak_bytes"))]
+        row += [mmlu_cell(e, k) for k in shots]
+        if not st["skip_humaneval"]:
+            row.append(humaneval_cell(e))
+        rows.append(row)
     return headers, rows
 
 
 def render_markdown(data: dict) -> str:
     s = data["settings"]
     ok = {k: e for k, e in data["models"].items() if "error" not in e}
+    settings = []
+    if not s["skip_speed"]:
+        settings.append(f"prompt {s['prompt_tokens']} tokens (prefill), {s['new_tokens']} new tokens (decode, forced "
+                        f"length), {s['repetitions']} repetitions after 1 warm-up, mean ± std")
+    if not s["skip_mmlu"] and not s["synthetic"]:
+        settings.append(f"MMLU {', '.join(map(str, s['mmlu_shots']))}-shot, {len(s['mmlu_subjects'])} subjects, "
+                        f"limit {s['mmlu_limit'] or 'all'} per subject")
+    if not s["skip_humaneval"] and not s["synthetic"]:
+        settings.append(f"HumanEval {s['humaneval_limit'] or 'all 164'} problems, {s['humaneval_mode']} mode, "
+                        f"{s['humaneval_samples']} sample(s) per problem")
     parts = ["# benchmark.py results\n",
-             f"Settings: prompt {s['prompt_tokens']} tokens (prefill), {s['new_tokens']} new tokens (decode, "
-             f"forced length), {s['repetitions']} repetitions after 1 warm-up, mean ± std; "
-             f"MMLU {', '.join(map(str, s['mmlu_shots']))}-shot, limit {s['mmlu_limit'] or 'all'} per subject; "
-             f"HumanEval limit {s['humaneval_limit'] or 'all 164'}, {s['humaneval_mode']} mode."
+             "Settings: " + "; ".join(settings) + "."
              + (" Synthetic (random-weight) twins: speed and memory only." if s["synthetic"] else "") + "\n",
              "## Summary\n", results_io.markdown_table(*summary_rows(data))]
     charts = [("Decode tok/s", "decode", "tok/s"), ("Prefill tok/s", "prefill", "tok/s")]
     for title, block, unit in charts:
         items = [(e["model"], e["speed"][block]["mean"]) for e in ok.values() if "speed" in e]
         if items:
-            parts += [f"## {title}\n", "```\n" + results_io.bar_chart(items, unit=unit) + "```\n"]
+            digits = 1 if max(v for _, v in items) >= 10 else 2
+            parts += [f"## {title}\n", "```\n" + results_io.bar_chart(items, unit=unit, digits=digits) + "```\n"]
     items = [(e["model"], e["memory"]["peak_bytes"] / 1e9) for e in ok.values() if "memory" in e]
     if items:
         parts += ["## Peak memory during generation (GB)\n", "```\n" + results_io.bar_chart(items, "GB", digits=2) + "```\n"]
