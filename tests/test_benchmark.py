@@ -383,7 +383,7 @@ def test_humaneval_end_to_end_records_each_problem(tiny_models):
 
 def test_real_smollm2_letters_are_single_tokens_and_scoring_agrees(smollm2_loaded, mmlu_dir):
     tok = smollm2_loaded.tokenizer
-    reqs = benchmark.build_mmlu_requests(tok, ["world_religions", "computer_security"], 1, 4, str(mmlu_dir), False)
+    reqs = benchmark.build_mmlu_requests(tok, ["world_religions", "computer_security"], 1, 2, str(mmlu_dir), False)
     assert all(r.single_token for r in reqs)
     assert [tok.decode(c) for c in reqs[0].continuation_ids] == [" A", " B", " C", " D"]
     pad = tok.pad_token_id
