@@ -60,38 +60,49 @@ def write_tasks(args) -> None:
     print(f"wrote {len(args.subjects)} tasks to {out}: --tasks " + ",".join(f"localmmlu_{s}" for s in args.subjects))
 
 
-def lm_eval_predictions(samples_dir: Path) -> dict[tuple[str, int], str]:
-    preds = {}
+def lm_eval_samples(samples_dir: Path) -> dict[tuple[str, int], dict]:
+    """(subject, doc_id) -> lm-eval's context string and the four log-likelihoods it logged."""
+    samples = {}
     for path in samples_dir.rglob("samples_localmmlu_*.jsonl"):
         subject = path.name[len("samples_localmmlu_"):].rsplit("_", 1)[0]
         for line in path.read_text().splitlines():
             sample = json.loads(line)
-            lls = [resp[0] for resp in sample["filtered_resps"]]
-            lls = [float(x[0] if isinstance(x, list) else x) for x in lls]
-            preds[(subject, int(sample["doc_id"]))] = benchmark.LETTERS[max(range(4), key=lambda i: lls[i])]
-    return preds
+            lls = [float(resp[0]) for resp in sample["filtered_resps"]]
+            samples[(subject, int(sample["doc_id"]))] = {
+                "context": sample["arguments"]["gen_args_0"]["arg_0"], "loglikelihoods": lls,
+                "prediction": benchmark.LETTERS[max(range(4), key=lambda i: lls[i])]}
+    return samples
 
 
 def compare(args) -> int:
     data = json.loads(Path(args.run).read_text())
-    theirs = lm_eval_predictions(Path(args.samples))
-    total = same = 0
+    theirs = lm_eval_samples(Path(args.samples))
+    total = same = same_prompt = 0
+    largest = 0.0
     per_subject: dict[str, list[int]] = {}
     for entry in data["models"].values():
         for q in entry["mmlu"][str(args.shots)]["questions"]:
             key = (q["subject"], q["index"])
             if key not in theirs:
                 continue
+            lm = theirs[key]
             total += 1
-            same += theirs[key] == q["prediction"]
-            per_subject.setdefault(q["subject"], [0, 0])
-            per_subject[q["subject"]][0] += theirs[key] == q["prediction"]
-            per_subject[q["subject"]][1] += 1
-            if theirs[key] != q["prediction"]:
-                print(f"differs: {key} ours {q['prediction']} {q['loglikelihoods']} lm-eval {theirs[key]}")
+            same += lm["prediction"] == q["prediction"]
+            largest = max(largest, max(abs(a - b) for a, b in zip(lm["loglikelihoods"], q["loglikelihoods"])))
+            counts = per_subject.setdefault(q["subject"], [0, 0])
+            counts[0] += lm["prediction"] == q["prediction"]
+            counts[1] += 1
+            if args.mmlu_data:
+                docs = benchmark.load_mmlu_split(q["subject"], "test", args.mmlu_data)
+                shots = benchmark.load_mmlu_split(q["subject"], "dev", args.mmlu_data)[:args.shots]
+                same_prompt += benchmark.build_mmlu_prompt(q["subject"], docs[q["index"]], shots) == lm["context"]
+            if lm["prediction"] != q["prediction"]:
+                print(f"differs: {key} ours {q['prediction']} {q['loglikelihoods']} lm-eval {lm['prediction']} "
+                      f"{lm['loglikelihoods']}")
     for subject, (s, n) in sorted(per_subject.items()):
-        print(f"{subject:28s} {s}/{n} identical")
-    print(f"{args.shots}-shot: {same}/{total} predictions identical to lm-eval")
+        print(f"{subject:28s} {s}/{n} identical predictions")
+    print(f"{args.shots}-shot: {same}/{total} predictions identical to lm-eval; largest log-likelihood "
+          f"difference {largest:.1e}" + (f"; {same_prompt}/{total} prompts byte-identical" if args.mmlu_data else ""))
     return 0 if total and same == total else 1
 
 
@@ -106,6 +117,7 @@ def main(argv=None) -> int:
     cmp.add_argument("run", help="benchmark.py results JSON")
     cmp.add_argument("--shots", type=int, required=True)
     cmp.add_argument("--samples", required=True, help="lm-eval --output_path folder with samples_*.jsonl")
+    cmp.add_argument("--mmlu-data", default=None, help="also check every prompt byte for byte")
     args = parser.parse_args(argv)
     if args.command == "tasks":
         write_tasks(args)
