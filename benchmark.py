@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -931,7 +931,8 @@ def render_markdown(data: dict) -> str:
             parts += [f"## {title}\n", "```\n" + results_io.bar_chart(items, unit=unit, digits=digits) + "```\n"]
     items = [(e["model"], e["memory"]["peak_bytes"] / 1e9) for e in ok.values() if "memory" in e]
     if items:
-        parts += ["## Peak memory during generation (GB)\n", "```\n" + results_io.bar_chart(items, "GB", digits=2) + "```\n"]
+        parts += ["## Peak memory during generation (GB)\n",
+                  "```\n" + results_io.bar_chart(items, "GB", digits=2) + "```\n"]
     items = [(e["model"], e["weight_bytes"] / 1e9) for e in ok.values()]
     if items:
         parts += ["## Weights in memory (GB)\n", "```\n" + results_io.bar_chart(items, "GB", digits=2) + "```\n"]
@@ -941,21 +942,21 @@ def render_markdown(data: dict) -> str:
 
 
 def mmlu_sections(ok: dict) -> list[str]:
+    """Per shot count: a bar chart of micro averages (with the chance line) and a per-subject table."""
     parts = []
-    scored = {k: e for k, e in ok.items() if isinstance(e.get("mmlu"), dict)}
-    shot_keys = sorted({s for e in scored.values() for s in e["mmlu"]}, key=int)
-    for shots in shot_keys:
-        items = [(e["model"], 100 * e["mmlu"][shots]["micro"]["accuracy"]) for e in scored.values() if shots in e["mmlu"]]
+    scored = [e for e in ok.values() if isinstance(e.get("mmlu"), dict)]
+    for shots in sorted({s for e in scored for s in e["mmlu"]}, key=int):
+        runs = [(e["model"], e["mmlu"][shots]) for e in scored if shots in e["mmlu"]]
+        items = [(name, 100 * run["micro"]["accuracy"]) for name, run in runs] + [("chance", 100 * CHANCE)]
         parts += [f"## MMLU {shots}-shot (micro average %, chance = 25%)\n",
-                  "```\n" + results_io.bar_chart(items + [("chance", 100 * CHANCE)], unit="%") + "```\n"]
-        subjects = sorted({s for e in scored.values() if shots in e["mmlu"] for s in e["mmlu"][shots]["subjects"]})
-        names = [e["model"] for e in scored.values() if shots in e["mmlu"]]
-        rows = [[subj] + [fmt_acc(e["mmlu"][shots]["subjects"][subj]) + f" (n={e['mmlu'][shots]['subjects'][subj]['total']})"
-                          for e in scored.values() if shots in e["mmlu"]] for subj in subjects]
-        rows.append(["**micro average**"] + [fmt_acc(e["mmlu"][shots]["micro"]) for e in scored.values() if shots in e["mmlu"]])
-        rows.append(["macro average"] + [fmt_acc(e["mmlu"][shots]["macro"] | {"ci95": e["mmlu"][shots]["macro"]["ci95"]})
-                                         for e in scored.values() if shots in e["mmlu"]])
-        parts += [f"### MMLU {shots}-shot per subject (% [95% CI])\n", results_io.markdown_table(["Subject"] + names, rows)]
+                  "```\n" + results_io.bar_chart(items, unit="%") + "```\n"]
+        subjects = sorted({s for _, run in runs for s in run["subjects"]})
+        rows = [[subj] + [f"{fmt_acc(run['subjects'][subj])} (n={run['subjects'][subj]['total']})"
+                          if subj in run["subjects"] else "" for _, run in runs] for subj in subjects]
+        rows.append(["**micro average**"] + [fmt_acc(run["micro"]) for _, run in runs])
+        rows.append(["macro average"] + [fmt_acc(run["macro"]) for _, run in runs])
+        parts += [f"### MMLU {shots}-shot per subject (% [95% CI])\n",
+                  results_io.markdown_table(["Subject"] + [name for name, _ in runs], rows)]
     return parts
 
 
