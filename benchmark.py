@@ -352,7 +352,7 @@ def measure_categories(model, tokenizer, device: torch.device, args, pad_id: int
 
 def stats(values: list[float], unit: str) -> dict:
     mean, std = results_io.mean_std(values)
-    return {"mean": mean, "std": std, "unit": unit}
+    return {"mean": mean, "std": std, "unit": unit, "n": len(values)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,6 +854,8 @@ def fmt_stat(block: dict | None, digits: int | None = None) -> str:
         return "n/a"
     if digits is None:
         digits = 1 if abs(block["mean"]) >= 10 else 2
+    if block.get("n") == 1:  # no spread to show from a single trial
+        return f"{block['mean']:.{digits}f} (1 trial)"
     return f"{block['mean']:.{digits}f} ± {block['std']:.{digits}f}"
 
 
