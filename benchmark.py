@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -65,7 +64,6 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_SYNTHETIC_TTFT_TOKENS = 64  # twins have no tokenizer: TTFT over this many random tokens
 QUICK = dict(repetitions=2, prompt_tokens=128, new_tokens=32, category_max_new_tokens=48,
              category_repetitions=1, mmlu_limit=20, humaneval_limit=10)
-RSS_SAMPLE_S = 0.005
 
 MMLU_DEFAULT_SUBJECTS = ("abstract_algebra", "computer_security", "elementary_mathematics",
                          "high_school_physics", "high_school_chemistry", "logical_fallacies",
@@ -145,60 +143,6 @@ def accuracy_summary(correct: int, total: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Memory sampling
 # ----------------------------------------------------------------------------------------------
-
-def process_rss() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
-class PeakMemory:
-    """Peak memory during a block. CPU: process RSS sampled every 5 ms in a background thread
-    (minus a baseline taken before the model was loaded); CUDA: max allocated/reserved after a reset;
-    MPS: current and driver-allocated memory sampled the same way."""
-
-    def __init__(self, device: torch.device, baseline_rss: int):
-        self.device, self.baseline_rss = device, baseline_rss
-        self.peak_rss = self.peak_mps = self.peak_mps_driver = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, process_rss())
-            if self.device.type == "mps":
-                self.peak_mps = max(self.peak_mps, torch.mps.current_allocated_memory())
-                self.peak_mps_driver = max(self.peak_mps_driver, torch.mps.driver_allocated_memory())
-            self._stop.wait(RSS_SAMPLE_S)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, process_rss())
-        return False
-
-    def report(self) -> dict:
-        out = {"method": {"cpu": "peak RSS (5 ms sampler) minus pre-load baseline",
-                          "cuda": "torch.cuda.max_memory_allocated / max_memory_reserved after reset",
-                          "mps": "peak torch.mps current / driver allocated (5 ms sampler)"}[self.device.type],
-               "peak_rss_bytes": self.peak_rss, "baseline_rss_bytes": self.baseline_rss,
-               "peak_rss_above_baseline_bytes": self.peak_rss - self.baseline_rss}
-        if self.device.type == "cuda":
-            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-            out["peak_bytes"] = out["cuda_max_allocated_bytes"]
-        elif self.device.type == "mps":
-            out.update(mps_current_allocated_bytes=self.peak_mps, mps_driver_allocated_bytes=self.peak_mps_driver,
-                       peak_bytes=self.peak_mps)
-        else:
-            out["peak_bytes"] = out["peak_rss_above_baseline_bytes"]
-        return out
-
 
 # ----------------------------------------------------------------------------------------------
 # Speed
@@ -815,7 +759,7 @@ def release_memory() -> None:
 
 def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
     release_memory()
-    baseline_rss = process_rss()
+    baseline_rss = models.process_rss()
     models.set_seed(args.seed)
     model, tokenizer, device, context = load_for_benchmark(args, name, quantize)
     spec = models.spec_of(name)
@@ -825,7 +769,7 @@ def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
              "kv_cache_bytes_per_1k_tokens": 1000 * models.kv_cache_bytes_per_token(model.config, model.dtype),
              "baseline_rss_bytes": baseline_rss}
     if not args.skip_speed:
-        with PeakMemory(device, baseline_rss) as memory, \
+        with models.PeakMemory(device, baseline_rss) as memory, \
                 progress_factory(total=args.repetitions, desc=f"speed {context['model']}") as bar:
             entry["speed"] = measure_speed(model, tokenizer, device, args, model.config.vocab_size, bar)
         entry["memory"] = memory.report()

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -510,41 +509,13 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
 # Measuring: peak memory and the training run
 # ----------------------------------------------------------------------------------------------
 
-class PeakMemory:
-    """Peak resident memory of this process (sampled every 50 ms) and peak CUDA allocation."""
-
-    def __init__(self, device, interval: float = 0.05):
-        import psutil
-        self.device, self.interval = device, interval
-        self.process = psutil.Process()
-        self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-        return False
-
-    def as_dict(self) -> dict:
-        import torch
-        out = {"peak_rss_mb": round(self.peak_rss / 2**20, 1)}
-        if self.device.type == "cuda":
-            out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-        return out
+def memory_summary(memory: models.PeakMemory) -> dict:
+    """Peak process RSS (and peak CUDA allocation) in MB, as the training report shows them."""
+    report = memory.report()
+    out = {"peak_rss_mb": round(report["peak_rss_bytes"] / 2**20, 1)}
+    if "cuda_max_allocated_bytes" in report:
+        out["peak_cuda_allocated_mb"] = round(report["cuda_max_allocated_bytes"] / 2**20, 1)
+    return out
 
 
 def loss_curve(log_history: list[dict]) -> list[dict]:
@@ -559,7 +530,7 @@ def train(trainer, device) -> dict:
     """Run training; wall time, real (non-pad) tokens/s, steps, peak memory and the loss curve."""
     models.synchronize(device)
     start = time.perf_counter()
-    with PeakMemory(device) as memory:
+    with models.PeakMemory(device, interval=0.05) as memory:
         output = trainer.train()
     models.synchronize(device)
     wall = time.perf_counter() - start
@@ -569,7 +540,7 @@ def train(trainer, device) -> dict:
             "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
             "tokens": tokens, "tokens_per_second": round(tokens / output.metrics["train_runtime"], 1),
             "final_train_loss": curve[-1]["loss"] if curve else None,
-            "memory": memory.as_dict(), "loss_curve": curve}
+            "memory": memory_summary(memory), "loss_curve": curve}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -600,6 +601,69 @@ def estimate_memory_bytes(spec: ModelSpec, dtype: torch.dtype, quantize: str = "
     """Rough resident size: weights at the dtype/quantization plus a KV cache of `context_tokens`."""
     bits = {"none": torch.tensor([], dtype=dtype).element_size() * 8, "int8": 8, "int4": 4.5}[quantize]
     return int(spec.params * bits / 8 + kv_cache_bytes_per_token(twin_config(spec), dtype) * context_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory (shared by the benchmark and the fine-tuning demo)
+# ----------------------------------------------------------------------------------------------
+
+RSS_SAMPLE_S = 0.005  # seconds between RSS samples; short enough to catch a generate() peak
+
+
+def process_rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak memory during a `with` block. CPU: process RSS sampled every `interval` seconds in a
+    background thread (minus `baseline_rss`, taken before the model was loaded); CUDA: max
+    allocated/reserved after a reset; MPS: current and driver-allocated memory sampled the same way."""
+
+    def __init__(self, device: torch.device, baseline_rss: int = 0, interval: float = RSS_SAMPLE_S):
+        self.device, self.baseline_rss, self.interval = device, baseline_rss, interval
+        self.peak_rss = self.peak_mps = self.peak_mps_driver = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, process_rss())
+            if self.device.type == "mps":
+                self.peak_mps = max(self.peak_mps, torch.mps.current_allocated_memory())
+                self.peak_mps_driver = max(self.peak_mps_driver, torch.mps.driver_allocated_memory())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, process_rss())
+        return False
+
+    def report(self) -> dict:
+        """Peaks in bytes; `peak_bytes` is the figure to show for this device."""
+        sampler = f"{self.interval * 1000:g} ms sampler"
+        out = {"method": {"cpu": f"peak RSS ({sampler}) minus pre-load baseline",
+                          "cuda": "torch.cuda.max_memory_allocated / max_memory_reserved after reset",
+                          "mps": f"peak torch.mps current / driver allocated ({sampler})"}[self.device.type],
+               "peak_rss_bytes": self.peak_rss, "baseline_rss_bytes": self.baseline_rss,
+               "peak_rss_above_baseline_bytes": self.peak_rss - self.baseline_rss}
+        if self.device.type == "cuda":
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            out["peak_bytes"] = out["cuda_max_allocated_bytes"]
+        elif self.device.type == "mps":
+            out.update(mps_current_allocated_bytes=self.peak_mps, mps_driver_allocated_bytes=self.peak_mps_driver,
+                       peak_bytes=self.peak_mps)
+        else:
+            out["peak_bytes"] = out["peak_rss_above_baseline_bytes"]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
