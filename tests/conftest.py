@@ -109,6 +109,17 @@ def build_tiny_model(family: str, out_dir: Path, tokenizer_dir: Path, seed: int 
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module: tiny models run fastest so, and on a busy 2-core
+    machine two OpenMP threads thrash. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
     """{'chat': ChatML tokenizer dir, 'base': no-template tokenizer dir}."""

@@ -21,21 +21,13 @@ import speculative_demo as sd
 PROMPTS = ["Summarise: the model answers the question about the capital city of france and paris.",
            "def train(x, y):\n    return x + y",
            "Hello world, what is a good language for data?"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIGNIFICANCE = 0.001  # chi-square tests reject "same distribution" below this p-value (seeded: deterministic)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CI machine stops thrashing (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def target(tiny_models):
