@@ -45,6 +45,26 @@ FAMILY_MODEL_TYPE = {
 
 
 @dataclass(frozen=True)
+class PublishedScore:
+    """A score published for a model, with where it was read. `value` is in percent, as published.
+
+    `scoring` says how comparable it is to ours: for MMLU "loglik" is the likelihood of the answer
+    letter (what lm-evaluation-harness and benchmark.py do), "unstated" a source that does not say,
+    "cloze" (likelihood of the answer text) and "other" (MMLU-redux, generation, ...) are different
+    tasks in all but name. For HumanEval it is the prompt format, "completion" or "chat".
+    `checkpoint` is the model the figure is for: often the base model of an instruct entry.
+    """
+
+    benchmark: str  # "mmlu" | "humaneval"
+    value: float  # percent
+    shots: int | None
+    scoring: str
+    method: str  # the source's own words for how it was measured
+    checkpoint: str  # hub id the figure is for
+    source: str  # URL
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. `arch` holds config.json keys; `params` is the published count."""
 
@@ -62,6 +82,7 @@ class ModelSpec:
     lora_targets: tuple[str, ...] = LLAMA_LORA
     draft_for: tuple[str, ...] = ()  # registry keys this model can draft for (same tokenizer)
     default: bool = False  # member of the default comparison set
+    published: tuple[PublishedScore, ...] = ()  # filled from PUBLISHED_SCORES below the table
 
     @property
     def url(self) -> str:
@@ -170,6 +191,93 @@ _ENTRIES = [
               aliases=("llama-2-7b-chat",)),
 ]
 
+# Published scores, each read from the source it links (model card, paper or leaderboard) on the date
+# of the commit that added it. Never typed from memory: a figure without a source is left out.
+_TINYLLAMA_EVAL = "https://github.com/jzhang38/TinyLlama/blob/main/EVAL.md"
+_LLAMA32_CARD = "https://github.com/meta-llama/llama-models/blob/main/models/llama3_2/MODEL_CARD.md"
+_LLAMA31_CARD = "https://github.com/meta-llama/llama-models/blob/main/models/llama3_1/MODEL_CARD.md"
+_QWEN25_BLOG = "https://qwenlm.github.io/blog/qwen2.5-llm/"
+_INSTRUCT_EVAL_MMLU = "InstructEval mmlu.py (next-token probability of A-D, 5-shot default), run by the TinyLlama team"
+_META_BASE = "Meta's evaluation, macro_avg/acc_char (answer-letter likelihood), base-model table"
+_META_INSTRUCT = "Meta's evaluation, macro_avg/acc, instruction-tuned table (likelihood or generation not stated)"
+_P = PublishedScore
+PUBLISHED_SCORES: dict[str, tuple[PublishedScore, ...]] = {
+    "tinyllama": (
+        _P("mmlu", 26.04, 5, "loglik", "Open LLM Leaderboard v1 (lm-evaluation-harness), acc",
+           "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+           "https://huggingface.co/TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+        _P("humaneval", 9.15, 0, "completion", "InstructEval humaneval, n_sample 1",
+           "TinyLlama/TinyLlama-1.1B-intermediate-step-1195k-token-2.5T", _TINYLLAMA_EVAL),
+    ),
+    "llama3.2-1b": (
+        _P("mmlu", 49.3, 5, "other", _META_INSTRUCT, "meta-llama/Llama-3.2-1B-Instruct", _LLAMA32_CARD),
+        _P("mmlu", 32.2, 5, "loglik", _META_BASE, "meta-llama/Llama-3.2-1B", _LLAMA32_CARD),
+    ),
+    "stablelm-1.6b": (
+        _P("mmlu", 38.93, None, "loglik", "Open LLM Leaderboard-format table, 'MMLU (acc_norm)', shots not stated",
+           "stabilityai/stablelm-2-1_6b", "https://huggingface.co/stabilityai/stablelm-2-zephyr-1_6b"),
+    ),
+    "pythia-1b": (
+        _P("mmlu", 25.70, 5, "loglik", _INSTRUCT_EVAL_MMLU, "EleutherAI/pythia-1b", _TINYLLAMA_EVAL),
+        _P("humaneval", 1.83, 0, "completion", "InstructEval humaneval, n_sample 1, run by the TinyLlama team",
+           "EleutherAI/pythia-1b", _TINYLLAMA_EVAL),
+    ),
+    "qwen2.5-1.5b": (
+        _P("mmlu", 50.7, None, "other", "MMLU-redux (re-annotated MMLU), instruct table",
+           "Qwen/Qwen2.5-1.5B-Instruct", _QWEN25_BLOG),
+        _P("mmlu", 60.9, 5, "unstated", "MMLU 5-shot, base-model table", "Qwen/Qwen2.5-1.5B", _QWEN25_BLOG),
+        _P("humaneval", 61.6, None, "chat", "HumanEval, instruct table", "Qwen/Qwen2.5-1.5B-Instruct", _QWEN25_BLOG),
+        _P("humaneval", 37.2, 0, "completion", "HumanEval 0-shot, base-model table", "Qwen/Qwen2.5-1.5B",
+           _QWEN25_BLOG),
+    ),
+    "gemma3-1b": (
+        _P("humaneval", 41.5, 0, "chat", "HumanEval 0-shot, instruction-tuned table", "google/gemma-3-1b-it",
+           "https://huggingface.co/google/gemma-3-1b-it"),
+    ),
+    "smollm2-135m": (
+        _P("mmlu", 29.3, 0, "cloze", "lighteval MMLU (cloze): answer text likelihood, zero-shot",
+           "HuggingFaceTB/SmolLM2-135M-Instruct", "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
+        _P("mmlu", 31.5, 0, "cloze", "lighteval MMLU (cloze), zero-shot, base-model table",
+           "HuggingFaceTB/SmolLM2-135M", "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ),
+    "smollm2-360m": (
+        _P("mmlu", 32.8, 0, "cloze", "lighteval MMLU (cloze): answer text likelihood, zero-shot",
+           "HuggingFaceTB/SmolLM2-360M-Instruct", "https://huggingface.co/HuggingFaceTB/SmolLM2-360M-Instruct"),
+        _P("mmlu", 35.8, 0, "cloze", "lighteval MMLU (cloze), zero-shot, base-model table",
+           "HuggingFaceTB/SmolLM2-360M", "https://huggingface.co/HuggingFaceTB/SmolLM2-360M-Instruct"),
+    ),
+    "qwen2.5-0.5b": (
+        _P("mmlu", 24.1, None, "other", "MMLU-redux (re-annotated MMLU), instruct table",
+           "Qwen/Qwen2.5-0.5B-Instruct", _QWEN25_BLOG),
+        _P("mmlu", 47.5, 5, "unstated", "MMLU 5-shot, base-model table", "Qwen/Qwen2.5-0.5B", _QWEN25_BLOG),
+        _P("humaneval", 35.4, None, "chat", "HumanEval, instruct table", "Qwen/Qwen2.5-0.5B-Instruct", _QWEN25_BLOG),
+        _P("humaneval", 30.5, 0, "completion", "HumanEval 0-shot, base-model table", "Qwen/Qwen2.5-0.5B",
+           _QWEN25_BLOG),
+    ),
+    "qwen2.5-7b": (
+        _P("mmlu", 75.4, None, "other", "MMLU-redux (re-annotated MMLU), instruct table",
+           "Qwen/Qwen2.5-7B-Instruct", _QWEN25_BLOG),
+        _P("mmlu", 74.2, 5, "unstated", "MMLU 5-shot, base-model table", "Qwen/Qwen2.5-7B", _QWEN25_BLOG),
+        _P("humaneval", 84.8, None, "chat", "HumanEval, instruct table", "Qwen/Qwen2.5-7B-Instruct", _QWEN25_BLOG),
+        _P("humaneval", 57.9, 0, "completion", "HumanEval 0-shot, base-model table", "Qwen/Qwen2.5-7B", _QWEN25_BLOG),
+    ),
+    "llama3.2-3b": (
+        _P("mmlu", 63.4, 5, "other", _META_INSTRUCT, "meta-llama/Llama-3.2-3B-Instruct", _LLAMA32_CARD),
+        _P("mmlu", 58.0, 5, "loglik", _META_BASE, "meta-llama/Llama-3.2-3B", _LLAMA32_CARD),
+    ),
+    "llama3.1-8b": (
+        _P("mmlu", 69.4, 5, "other", _META_INSTRUCT, "meta-llama/Llama-3.1-8B-Instruct", _LLAMA31_CARD),
+        _P("mmlu", 66.7, 5, "loglik", _META_BASE, "meta-llama/Llama-3.1-8B", _LLAMA32_CARD),
+        _P("humaneval", 72.6, 0, "chat", "HumanEval 0-shot pass@1, instruction-tuned table",
+           "meta-llama/Llama-3.1-8B-Instruct", _LLAMA31_CARD),
+    ),
+    "llama2-7b-chat": (
+        _P("mmlu", 45.3, 5, "unstated", "MMLU 5-shot, Llama 2 paper Table 3 (base model)", "meta-llama/Llama-2-7b-hf",
+           "https://arxiv.org/abs/2307.09288"),
+    ),
+}
+
+_ENTRIES = [dataclasses.replace(s, published=PUBLISHED_SCORES.get(s.key, ())) for s in _ENTRIES]
 REGISTRY: dict[str, ModelSpec] = {spec.key: spec for spec in _ENTRIES}
 DEFAULT_MODELS: tuple[str, ...] = tuple(s.key for s in _ENTRIES if s.default)
 _ALIASES: dict[str, str] = {a.lower(): s.key for s in _ENTRIES for a in (s.key, *s.aliases)}
@@ -276,6 +384,28 @@ def resolve(name: str) -> Resolved:
 
 def _spec_for_hub_id(hub_id: str) -> ModelSpec | None:
     return next((s for s in _ENTRIES if s.hf_id.lower() == hub_id.lower()), None)
+
+
+def find_spec(name: str | None) -> ModelSpec | None:
+    """The registry entry a name stands for, or None: key, alias, hub id, or the last part of a
+    local path or GGUF file named after the hub model ("/x/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "/tmp/smollm2-135m"). Used to put published scores and registry facts beside results."""
+    if not name:
+        return None
+    key = _ALIASES.get(name.strip().lower())
+    if key is not None:
+        return REGISTRY[key]
+    spec = _spec_for_hub_id(name)
+    if spec is not None:
+        return spec
+    stem = Path(name.rstrip("/")).name.lower().removesuffix(".gguf")
+    if stem in _ALIASES:
+        return REGISTRY[_ALIASES[stem]]
+    for spec in _ENTRIES:  # "<hub name>.Q4_1", "<hub name>-q4_k_m": a quantisation suffix after the name
+        base = spec.hf_id.split("/")[-1].lower()
+        if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|iq\d)", stem):
+            return spec
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,8 +941,7 @@ def spec_of(model_or_name) -> ModelSpec | None:
         return model_or_name.resolved.spec
     if isinstance(model_or_name, Resolved):
         return model_or_name.spec
-    key = _ALIASES.get(str(model_or_name).lower())
-    return REGISTRY[key] if key else _spec_for_hub_id(str(model_or_name))
+    return find_spec(str(model_or_name))
 
 
 def spec_as_dict(spec: ModelSpec) -> dict:

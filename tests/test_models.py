@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,25 @@ def test_real_smollm2_gguf_answers_paris(smollm2_loaded):
     out = loaded.model.generate(**enc, max_new_tokens=20, do_sample=False)
     reply = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+def test_published_scores_are_cited_and_well_formed():
+    """Each published figure names its benchmark, checkpoint, method and a source URL; every default
+    model has at least one MMLU figure to compare against."""
+    scorings = {"mmlu": {"loglik", "unstated", "cloze", "other"}, "humaneval": {"completion", "chat"}}
+    for spec in models.REGISTRY.values():
+        for score in spec.published:
+            assert score.benchmark in scorings and score.scoring in scorings[score.benchmark], (spec.key, score)
+            assert 0 < score.value < 100 and score.source.startswith("https://"), (spec.key, score)
+            assert re.fullmatch(r"[\w.-]+/[\w.-]+", score.checkpoint) and score.method, (spec.key, score)
+            assert score.shots in (None, 0, 5), (spec.key, score)
+    for key in models.DEFAULT_MODELS:
+        assert any(s.benchmark == "mmlu" for s in models.REGISTRY[key].published), key
+
+
+def test_spec_of_finds_registry_entries_behind_paths_and_gguf_names():
+    assert models.spec_of("/x/SmolLM2-135M-Instruct.Q4_1.gguf").key == "smollm2-135m"
+    assert models.spec_of("qwen2.5-1.5b-instruct-q4_k_m.gguf").key == "qwen2.5-1.5b"
+    assert models.spec_of("/tmp/smollm2-135m/").key == "smollm2-135m"
+    assert models.spec_of("Qwen/Qwen2.5-1.5B-Instruct").key == "qwen2.5-1.5b"
+    assert models.spec_of("/tmp/my-own-model") is None
