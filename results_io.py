@@ -117,6 +117,8 @@ def environment(device=None, seed: int | None = None, argv: list[str] | None = N
         "cpu": {"model": models.cpu_model_name(), "cores_logical": psutil.cpu_count(),
                 "cores_physical": psutil.cpu_count(logical=False), "native_bf16": models.cpu_has_native_bf16()},
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 2),
+        # other work on the machine slows every figure: 1/5/15-minute load averages at the start
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "git_commit": git_commit(),
         "command": " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:]
                                                         if argv is None else argv)),
@@ -133,7 +135,8 @@ def environment_markdown(env: dict) -> str:
         ("Device", f"{dev['type']}: {dev['name']} ({dev.get('memory_gb')} GB)"),
         ("CPU", f"{env['cpu']['model']}, {env['cpu']['cores_logical']} logical cores, "
                 f"native bf16: {'yes' if env['cpu']['native_bf16'] else 'no'}"),
-        ("RAM", f"{env['ram_gb']} GB"), ("OS / Python", f"{env['os']} / Python {env['python']}"),
+        ("RAM", f"{env['ram_gb']} GB"), ("Load average at start", env.get("load_average") or "not recorded"),
+        ("OS / Python", f"{env['os']} / Python {env['python']}"),
         ("Libraries", pk), ("Commit", env.get("git_commit") or "n/a"),
     ]
     lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
