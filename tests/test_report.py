@@ -1,0 +1,222 @@
+"""benchmark.py --report: docs/COMPARISON.md is generated from results files, reproducibly, and every
+figure on it traces to a results file or a cited source."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import benchmark
+import models
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def report(results_dir: Path, page: Path, *files: str) -> Path:
+    assert benchmark.main(["--report", *files, "--output-dir", str(results_dir), "--report-output", str(page)]) == 0
+    return page
+
+
+def copy_results(dst: Path) -> Path:
+    """The committed results/, without fine-tuned adapter weights (the report reads JSON only)."""
+    shutil.copytree(ROOT / "results", dst, ignore=shutil.ignore_patterns("adapter", "merged"))
+    return dst
+
+
+def tables(markdown: str) -> list[list[str]]:
+    """Every Markdown table on the page, as its list of lines."""
+    found, current = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return found + ([current] if current else [])
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def section_table(markdown: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    body = markdown.split(f"## {heading}\n", 1)[1]
+    lines = tables(body)[0]
+    return cells(lines[0]), [cells(line) for line in lines[2:]]
+
+
+def run_files(markdown: str, page_dir: Path) -> dict[str, Path]:
+    """R1 -> the results file the Runs table links to."""
+    header, rows = section_table(markdown, "Runs: hardware and software")
+    out = {}
+    for row in rows:
+        link = re.search(r"\]\(([^)]+)\)", row[header.index("File")]).group(1)
+        out[row[0]] = (page_dir / link).resolve()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed page
+# ---------------------------------------------------------------------------------------------
+
+def test_committed_page_is_regenerated_byte_for_byte_from_results(tmp_path):
+    """Deleting docs/COMPARISON.md and running the report recreates it exactly from results/."""
+    results = copy_results(tmp_path / "results")
+    page = report(results, tmp_path / "docs" / "COMPARISON.md")
+    committed = (ROOT / "docs" / "COMPARISON.md").read_text(encoding="utf-8")
+    assert page.read_text(encoding="utf-8") == committed, \
+        "docs/COMPARISON.md is stale or hand-edited: run `python benchmark.py --report` and commit the result"
+    for png in re.findall(r"\]\((img/[^)]+\.png)\)", committed):
+        assert (ROOT / "docs" / png).is_file(), f"{png} is linked from the page but not committed"
+
+
+def test_every_summary_figure_traces_to_its_run_or_source(tmp_path):
+    results = copy_results(tmp_path / "results")
+    page = report(results, tmp_path / "docs" / "COMPARISON.md")
+    text = page.read_text(encoding="utf-8")
+    files = run_files(text, page.parent)
+    header, rows = section_table(text, "Quick summary")
+    checked = 0
+    for row in rows:
+        label = row[0].split("**")[1]
+        spec = models.REGISTRY.get(label)
+        runs = dict(part.rsplit(" ", 1) for part in row[header.index("Runs")].split(" · ") if part)
+
+        def entries(what):
+            data = json.loads(files[runs[what]].read_text())
+            return [e for e in data["models"].values()
+                    if "error" not in e and models.spec_of(e.get("hf_id") or e["name"]) is spec]
+        for column, block in (("Decode tok/s", "decode"), ("Prefill tok/s", "prefill")):
+            if row[header.index(column)] != "n/a":
+                shown = {benchmark.fmt_stat(e["speed"][block]) for e in entries("speed") if "speed" in e}
+                assert row[header.index(column)] in shown, f"{label} {column} is not in run {runs['speed']}"
+                checked += 1
+        mmlu = re.match(r"([\d.]+)% \[.*\], (\d+)-shot$", row[header.index("MMLU measured")])
+        if mmlu:
+            accs = {f"{100 * e['mmlu'][mmlu.group(2)]['micro']['accuracy']:.1f}" for e in entries("MMLU")
+                    if isinstance(e.get("mmlu"), dict) and mmlu.group(2) in e["mmlu"]}
+            assert mmlu.group(1) in accs
+            checked += 1
+        for bench, column in (("mmlu", "MMLU published"), ("humaneval", "HumanEval published")):
+            published = re.match(r"\[([\d.]+)%\]\((https://[^)]+)\)", row[header.index(column)])
+            if published:
+                assert any(s.benchmark == bench and f"{s.value:.1f}" == published.group(1)
+                           and s.source == published.group(2) for s in spec.published)
+                checked += 1
+    assert checked >= 15, "the committed results should give the summary at least fifteen traceable figures"
+
+
+def test_page_tables_are_well_formed_and_charts_are_pngs(tmp_path):
+    results = copy_results(tmp_path / "results")
+    page = report(results, tmp_path / "docs" / "COMPARISON.md")
+    text = page.read_text(encoding="utf-8")
+    for lines in tables(text):
+        widths = {len(cells(line)) for line in lines}
+        assert len(widths) == 1, f"ragged table starting {lines[0][:80]}"
+        assert set(lines[1].replace("|", "").replace("-", "").replace(":", "")) <= {" ", ""}
+    charts = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
+    assert {Path(c).name for c in charts} >= {"comparison-decode.png", "comparison-memory.png",
+                                              "comparison-mmlu.png", "comparison-humaneval.png"}
+    for chart in charts:
+        assert (page.parent / chart).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_newest_run_of_each_speculative_configuration_is_shown(tmp_path):
+    results = copy_results(tmp_path / "results")
+    older = sorted(results.glob("speculative_demo-*.json"))[0]
+    data = json.loads(older.read_text())
+    data["environment"]["date"] = "2099-01-01T00:00:00+00:00"
+    (results / "speculative_demo-20990101-000000.json").write_text(json.dumps(data))
+    shown = [r.path.name for r in benchmark.find_report_runs([], results) if r.kind == "speculative"]
+    assert "speculative_demo-20990101-000000.json" in shown and older.name not in shown
+
+
+# ---------------------------------------------------------------------------------------------
+# A fresh run, end to end
+# ---------------------------------------------------------------------------------------------
+
+def test_report_from_a_fresh_run_is_deterministic_png_included(tmp_path, tiny_models):
+    out = tmp_path / "results"
+    assert benchmark.main(["--models", str(tiny_models["llama"]), "--device", "cpu", "--dtype", "fp32",
+                           "--output-dir", str(out), "--repetitions", "2", "--prompt-tokens", "16",
+                           "--new-tokens", "4", "--category-max-new-tokens", "4", "--category-repetitions", "1",
+                           "--skip-mmlu", "--skip-humaneval"]) == 0
+    first = report(out, tmp_path / "a" / "COMPARISON.md")
+    second = report(out, tmp_path / "b" / "COMPARISON.md")
+    assert first.read_bytes() == second.read_bytes()
+    pngs = sorted((tmp_path / "a" / "img").glob("*.png"))
+    assert pngs and all(p.read_bytes() == (tmp_path / "b" / "img" / p.name).read_bytes() for p in pngs)
+    text = first.read_text()
+    label = Path(str(tiny_models["llama"])).name
+    assert f"**{label}**" in text and "Fastest decode on" in text and "speed R1" in text
+    assert "No finetune_demo.py results found." in text and "No speculative_demo.py results found." in text
+
+
+def test_report_without_results_says_what_to_do(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        models.run_cli(benchmark.main, ["--report", "--output-dir", str(tmp_path),
+                                        "--report-output", str(tmp_path / "P.md")])
+    assert exit_info.value.code == 2
+    assert "run benchmark.py first" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(models.UserError, match="cannot read it as a results file"):
+        benchmark.main(["--report", str(tmp_path / "x.json"), "--report-output", str(tmp_path / "P.md")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured vs published
+# ---------------------------------------------------------------------------------------------
+
+def mmlu_row(accuracy: float, low: float, high: float, subjects: int = 57, source: str = "hub") -> benchmark.ModelRow:
+    spec = models.REGISTRY["qwen2.5-1.5b"]
+    entry = {"source": source, "quantize": "none", "gguf_file": None, "params": spec.params}
+    value = {"micro": {"accuracy": accuracy, "ci95": [low, high], "total": 1000},
+             "subjects": {s: {} for s in benchmark.MMLU_ALL_SUBJECTS[:subjects]}, "limit": None}
+    run = benchmark.ReportRun("R1", Path("r.json"), {}, "benchmark")
+    return benchmark.ModelRow(spec.key, spec, "cpu", entry, mmlu={"5": benchmark.Measured(value, entry, run)})
+
+
+def score(value: float, scoring: str = "loglik", checkpoint: str = "Qwen/Qwen2.5-1.5B-Instruct", shots: int = 5):
+    return models.PublishedScore("mmlu", value, shots, scoring, "test", checkpoint, "https://example.org")
+
+
+def test_gap_inside_ci_agrees_and_outside_is_flagged():
+    row = mmlu_row(0.50, 0.47, 0.53)
+    assert benchmark.compare_published(score(52.9), row)["verdict"] == "agrees"
+    flagged = benchmark.compare_published(score(53.2), row)
+    assert flagged["verdict"] == "⚠ differs" and flagged["allowed"] == pytest.approx(3.0)
+    assert benchmark.compare_published(score(46.9), row)["verdict"] == "⚠ differs"
+
+
+def test_known_method_differences_widen_the_allowed_gap():
+    row = mmlu_row(0.50, 0.47, 0.53, subjects=10)
+    base = benchmark.compare_published(score(62.0, checkpoint="Qwen/Qwen2.5-1.5B", shots=0), row)
+    assert base["reasons"] == ["checkpoint", "shots", "subset"]
+    assert base["allowed"] == pytest.approx(3.0 + 5 + 3 + 5) and base["verdict"] == "agrees"
+    assert benchmark.compare_published(score(66.5, checkpoint="Qwen/Qwen2.5-1.5B", shots=0), row)["verdict"] \
+        == "⚠ differs"
+    unstated = benchmark.compare_published(score(54.0, scoring="unstated"), mmlu_row(0.50, 0.47, 0.53))
+    assert unstated["reasons"] == ["method"] and unstated["verdict"] == "agrees"
+
+
+def test_other_tasks_are_shown_but_not_judged():
+    row = mmlu_row(0.30, 0.27, 0.33)
+    result = benchmark.compare_published(score(80.0, scoring="cloze"), row)
+    assert result["verdict"].startswith("not comparable") and result["diff"] == pytest.approx(-50.0)
+    nothing = benchmark.ModelRow("qwen2.5-1.5b", models.REGISTRY["qwen2.5-1.5b"], "cpu", {})
+    assert benchmark.compare_published(score(60.0), nothing)["verdict"] == "not measured here"
+
+
+def test_gguf_quantisation_is_a_known_difference():
+    row = mmlu_row(0.50, 0.47, 0.53, source="gguf")
+    row.entry["gguf_file"] = "Qwen2.5-1.5B-Instruct.Q4_1.gguf"
+    assert benchmark.compare_published(score(54.0), row)["reasons"] == ["quantized"]
+    row.entry["gguf_file"] = "Qwen2.5-1.5B-Instruct.F16.gguf"
+    assert benchmark.compare_published(score(54.0), row)["reasons"] == []
