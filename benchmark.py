@@ -1000,11 +1000,12 @@ class ModelRow:
     label: str
     spec: models.ModelSpec | None
     hardware: str
-    entry: dict
+    entry: dict  # the newest entry: parameter count, weight bytes, KV cache size
+    entry_run: ReportRun
     speed: Measured | None = None
     memory: Measured | None = None
     mmlu: dict = field(default_factory=dict)  # shots (str) -> Measured
-    humaneval: Measured | None = None
+    humaneval: dict = field(default_factory=dict)  # prompt mode ("completion" | "chat") -> Measured
 
     @property
     def params(self) -> int:
@@ -1087,24 +1088,27 @@ def collect_rows(runs: list[ReportRun]) -> list[ModelRow]:
             if "error" in entry:
                 continue
             spec = models.spec_of(entry.get("hf_id") or entry["name"])
-            row = rows.setdefault((spec.key if spec else entry["model"], hardware_label(entry)),
-                                  ModelRow(spec.key if spec else entry["model"], spec, hardware_label(entry), entry))
-            row.entry = entry
+            label = spec.key if spec else entry["model"]
+            row = rows.setdefault((label, hardware_label(entry)),
+                                  ModelRow(label, spec, hardware_label(entry), entry, run))
+            row.entry, row.entry_run = entry, run
             if "speed" in entry and (row.speed is None or row.speed.entry["source"] == "synthetic"
                                      or entry["source"] != "synthetic"):
                 row.speed, row.memory = Measured(entry["speed"], entry, run), Measured(entry["memory"], entry, run)
             for shots, result in (entry["mmlu"].items() if isinstance(entry.get("mmlu"), dict) else ()):
                 row.mmlu[shots] = Measured(result, entry, run)
             if isinstance(entry.get("humaneval"), dict):
-                row.humaneval = Measured(entry["humaneval"], entry, run)
+                row.humaneval[entry["humaneval"]["mode"]] = Measured(entry["humaneval"], entry, run)
     order = list(models.REGISTRY)
     return sorted(rows.values(), key=lambda r: (r.label not in order, order.index(r.label) if r.label in order
                                                 else 0, r.label, r.hardware))
 
 
-def measured_quality(row: ModelRow, benchmark: str, shots: int | None) -> tuple[float, float, float, Measured,
-                                                                                int | None] | None:
-    """(accuracy %, CI low %, CI high %, figure, shots) of our closest measurement, or None."""
+def measured_quality(row: ModelRow, benchmark: str, shots: int | None = None,
+                     mode: str | None = None) -> tuple[float, float, float, Measured, int | None] | None:
+    """(accuracy %, CI low %, CI high %, figure, shots) of our closest measurement, or None. MMLU: the
+    asked shot count, else the most shots measured. HumanEval: the asked prompt mode, else the one that
+    suits the model (chat for instruct models, completion for base models), else any."""
     if benchmark == "mmlu":
         if not row.mmlu:
             return None
@@ -1112,11 +1116,13 @@ def measured_quality(row: ModelRow, benchmark: str, shots: int | None) -> tuple[
         m = row.mmlu[key]
         low, high = m.value["micro"]["ci95"]
         return 100 * m.value["micro"]["accuracy"], 100 * low, 100 * high, m, int(key)
-    if row.humaneval is None:
+    if not row.humaneval:
         return None
-    he = row.humaneval.value  # Wilson over problems: exact for greedy (1 sample), approximate for n > 1
+    suits = "chat" if row.spec is None or row.spec.instruct else "completion"
+    m = row.humaneval.get(mode) or row.humaneval.get(suits) or row.humaneval[sorted(row.humaneval)[0]]
+    he = m.value  # Wilson over problems: exact for greedy (1 sample), approximate for n > 1
     low, high = wilson_interval(round(he["pass@1"] * he["problems"]), he["problems"])
-    return 100 * he["pass@1"], 100 * low, 100 * high, row.humaneval, None
+    return 100 * he["pass@1"], 100 * low, 100 * high, m, None
 
 
 def known_differences(score: models.PublishedScore, row: ModelRow, m: Measured, shots: int | None) -> list[str]:
@@ -1142,7 +1148,7 @@ def compare_published(score: models.PublishedScore, row: ModelRow) -> dict:
     """Our closest measurement beside a published score, and whether the gap is larger than our 95% CI
     plus the allowances for the known differences in method (METHOD_ALLOWANCE_PTS)."""
     out = {"score": score, "measured": None, "verdict": "not measured here"}
-    got = measured_quality(row, score.benchmark, score.shots)
+    got = measured_quality(row, score.benchmark, score.shots, mode=score.scoring)
     if got is None:
         return out
     value, low, high, m, shots = got
@@ -1172,14 +1178,14 @@ def headline_published(spec: models.ModelSpec | None, benchmark: str,
 
 def fmt_published(score: models.PublishedScore) -> str:
     shots = f", {score.shots}-shot" if score.shots is not None else ""
-    return f"{score.value:.1f}%{shots} [source]({score.source})"
+    return f"{score.value:g}%{shots} [source]({score.source})"
 
 
 def fmt_quality(got, cite_run: bool = True) -> str:
     if got is None:
         return "not measured"
     value, low, high, m, shots = got
-    shot = f", {shots}-shot" if shots is not None else f", {m.value['problems']} problems"
+    shot = f", {shots}-shot" if shots is not None else f", {m.value['problems']} problems, {m.value['mode']}"
     return f"{value:.1f}% [{low:.1f}, {high:.1f}]{shot}" + (f" ({m.run.rid})" if cite_run else "")
 
 
@@ -1208,7 +1214,7 @@ def draw_png_chart(path: Path, title: str, unit: str, bars: list[tuple[str, floa
         ax.scatter([published[k] for k in shown], [y[labels.index(k)] for k in shown], marker="D",
                    color="#DD8452", zorder=3, label="published")
         for k in shown:
-            ax.text(published[k], y[labels.index(k)] - 0.28, f"{published[k]:.1f}", va="center", ha="center",
+            ax.text(published[k], y[labels.index(k)] - 0.28, f"{published[k]:g}", va="center", ha="center",
                     fontsize=7, color="#A0522D")
     ax.set_xlim(0, right * 1.12)
     if chance is not None:
@@ -1307,7 +1313,7 @@ def published_cell(spec: models.ModelSpec | None, benchmark: str) -> str:
     tags += [] if score.checkpoint.lower() == spec.hf_id.lower() else ["base model"]
     if score.scoring in ("cloze", "other"):
         tags.append(score.scoring if score.scoring == "cloze" else score.method.split(",")[0])
-    return f"[{score.value:.1f}%]({score.source}) " + ", ".join(tags)
+    return f"[{score.value:g}%]({score.source}) " + ", ".join(tags)
 
 
 def ranked(rows: list[ModelRow], value, higher_is_better: bool) -> list[tuple[ModelRow, float]]:
@@ -1348,7 +1354,7 @@ def recommendation_lines(rows: list[ModelRow]) -> list[str]:
         published = ranked(in_class, lambda r: scores[r.label].value if scores[r.label] else None, True)
         if published:
             best, score = published[0][0], scores[published[0][0].label]
-            others = ", ".join(f"{r.label} {v:.1f}" for r, v in published[1:])
+            others = ", ".join(f"{r.label} {v:g}" for r, v in published[1:])
             lines.append(f"- **Highest published {what} in the 1B class: {best.label}** — {fmt_published(score)} "
                          f"for `{score.checkpoint}` ({score.method}); published, not measured here"
                          + (f" (others, scored the same way: {others})" if others else "") + ".")
@@ -1411,8 +1417,12 @@ def model_section(r: ModelRow) -> list[str]:
                  f"{spec.context:,} · licence {spec.license}{' · gated' if spec.gated else ''} · "
                  f"{'chat-tuned' if spec.instruct else 'base model'}. {spec.strength}.\n")
     e = r.entry
-    table = [["Weights in memory", f"{gb(e['weight_bytes'])} GB ({weights_label(e)})", "", ""],
-             ["KV cache", f"{e['kv_cache_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens", "", ""]]
+    rid = r.entry_run.rid
+    table = [["Parameters", f"{e['params']:,}", "counted in the loaded model, tied embeddings once", rid],
+             ["Weights in memory", f"{gb(e['weight_bytes'])} GB", f"parameters + buffers as loaded, "
+                                                                 f"{weights_label(e)}", rid],
+             ["KV cache", f"{e['kv_cache_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens",
+              f"2 × layers × KV heads × head dim × {e['dtype']} bytes, from the config", rid]]
     if r.speed:
         sp, st = r.speed.value, r.speed.run.data["settings"]
         setting = f"{st['repetitions']} repetitions after 1 warm-up, {weights_label(r.speed.entry)}"
@@ -1428,11 +1438,13 @@ def model_section(r: ModelRow) -> list[str]:
         subset = f"{len(v['subjects'])} subjects" + (f" × first {v['limit']}" if v.get("limit") else "")
         table.append([f"MMLU {shots}-shot (micro)", fmt_acc(v["micro"]) + " %",
                       f"{v['micro']['total']} questions, {subset}; {weights_label(m.entry)}", m.run.rid])
-    if r.humaneval:
-        he = r.humaneval.value
-        table.append(["HumanEval pass@1", fmt_quality(measured_quality(r, "humaneval", None)).rsplit(" (", 1)[0],
-                      f"{he['mode']} mode, {he['samples_per_problem']} sample(s), timeout {he['timeout_s']:g} s, "
-                      f"outcomes {he['outcomes']}", r.humaneval.run.rid])
+    for mode, m in sorted(r.humaneval.items()):
+        he = m.value
+        outcomes = ", ".join(f"{v} {k}" for k, v in he["outcomes"].items())
+        table.append([f"HumanEval pass@1 ({mode})", fmt_quality(measured_quality(r, "humaneval", mode=mode),
+                                                                cite_run=False),
+                      f"{he['samples_per_problem']} sample(s) per problem, timeout {he['timeout_s']:g} s; "
+                      f"{outcomes}; {weights_label(m.entry)}", m.run.rid])
     parts = [head, facts, results_io.markdown_table(["Figure", "Value", "How", "Run"], table)]
     if spec and spec.published:
         parts.append("Published: " + "; ".join(
@@ -1512,7 +1524,7 @@ def load_average_of(data: dict) -> str:
 def used_runs(rows: list[ModelRow]) -> set[str]:
     """The benchmark runs at least one figure on the page comes from (fine-tune and speculative runs
     are always used)."""
-    figures = [m for r in rows for m in (r.speed, r.memory, r.humaneval, *r.mmlu.values()) if m]
+    figures = [m for r in rows for m in (r.speed, r.memory, *r.humaneval.values(), *r.mmlu.values()) if m]
     return {m.run.rid for m in figures}
 
 

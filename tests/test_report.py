@@ -107,7 +107,7 @@ def test_every_summary_figure_traces_to_its_run_or_source(tmp_path):
         for bench, column in (("mmlu", "MMLU published"), ("humaneval", "HumanEval published")):
             published = re.match(r"\[([\d.]+)%\]\((https://[^)]+)\)", row[header.index(column)])
             if published:
-                assert any(s.benchmark == bench and f"{s.value:.1f}" == published.group(1)
+                assert any(s.benchmark == bench and f"{s.value:g}" == published.group(1)
                            and s.source == published.group(2) for s in spec.published)
                 checked += 1
     assert checked >= 15, "the committed results should give the summary at least fifteen traceable figures"
@@ -180,7 +180,7 @@ def mmlu_row(accuracy: float, low: float, high: float, subjects: int = 57, sourc
     value = {"micro": {"accuracy": accuracy, "ci95": [low, high], "total": 1000},
              "subjects": {s: {} for s in benchmark.MMLU_ALL_SUBJECTS[:subjects]}, "limit": None}
     run = benchmark.ReportRun("R1", Path("r.json"), {}, "benchmark")
-    return benchmark.ModelRow(spec.key, spec, "cpu", entry, mmlu={"5": benchmark.Measured(value, entry, run)})
+    return benchmark.ModelRow(spec.key, spec, "cpu", entry, run, mmlu={"5": benchmark.Measured(value, entry, run)})
 
 
 def score(value: float, scoring: str = "loglik", checkpoint: str = "Qwen/Qwen2.5-1.5B-Instruct", shots: int = 5):
@@ -210,7 +210,8 @@ def test_other_tasks_are_shown_but_not_judged():
     row = mmlu_row(0.30, 0.27, 0.33)
     result = benchmark.compare_published(score(80.0, scoring="cloze"), row)
     assert result["verdict"].startswith("not comparable") and result["diff"] == pytest.approx(-50.0)
-    nothing = benchmark.ModelRow("qwen2.5-1.5b", models.REGISTRY["qwen2.5-1.5b"], "cpu", {})
+    nothing = benchmark.ModelRow("qwen2.5-1.5b", models.REGISTRY["qwen2.5-1.5b"], "cpu", {},
+                                 benchmark.ReportRun("R1", Path("r.json"), {}, "benchmark"))
     assert benchmark.compare_published(score(60.0), nothing)["verdict"] == "not measured here"
 
 
