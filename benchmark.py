@@ -1528,30 +1528,44 @@ def used_runs(rows: list[ModelRow]) -> set[str]:
     return {m.run.rid for m in figures}
 
 
+def hardware_of(env: dict) -> str:
+    dev, cpu = env["device"], env["cpu"]
+    gpu = f"{dev['name']} ({dev['memory_gb']} GB), " if dev["type"] != "cpu" else ""
+    return f"{dev['type']}: {gpu}{cpu['model']}, {cpu['cores_logical']} cores, {env['ram_gb']} GB RAM"
+
+
+def software_of(env: dict) -> str:
+    return (f"{env['os']}, Python {env['python']}, "
+            + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v))
+
+
+def run_span(rids: list[str]) -> str:
+    return ", ".join(rids) if len(rids) < 3 else f"{rids[0]}–{rids[-1]}" if \
+        [int(r[1:]) for r in rids] == list(range(int(rids[0][1:]), int(rids[-1][1:]) + 1)) else ", ".join(rids)
+
+
 def runs_section(runs: list[ReportRun], rows: list[ModelRow], page_dir: Path) -> list[str]:
+    """Hardware per run in a table; software environments and command lines listed once each below."""
     used = used_runs(rows)
-    table = []
+    table, software = [], {}
     for run in runs:
         env = run.data["environment"]
         rel = Path(os.path.relpath(run.path, page_dir)).as_posix()
-        cpu = env["cpu"]
-        dev = env["device"]
-        kind = run.kind if run.kind != "benchmark" or run.rid in used else "benchmark (superseded: newer runs " \
-                                                                               "give all its figures)"
+        commit = env.get("git_commit") or "n/a"
+        kind = run.kind if run.kind != "benchmark" or run.rid in used else "benchmark (superseded)"
         table.append([run.rid, f"[{run.path.name}]({rel})", kind, env["date"][:16].replace("T", " "),
-                      f"{dev['type']}: {dev['name']}" + (f" ({dev['memory_gb']} GB)" if dev["type"] != "cpu" else ""),
-                      f"{cpu['model']}, {cpu['cores_logical']} cores, {env['ram_gb']} GB RAM",
-                      load_average_of(run.data),
-                      f"{env['os']}, Python {env['python']}",
-                      ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v and k in
-                                ("torch", "transformers", "peft", "trl", "bitsandbytes")),
-                      (env.get("git_commit") or "n/a")[:12] + ("+dirty" if "dirty" in (env.get("git_commit") or "")
-                                                              else ""),
-                      f"`{env['command']}`"])
+                      hardware_of(env), load_average_of(run.data),
+                      commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")])
+        software.setdefault(software_of(env), []).append(run.rid)
     return ["## Runs: hardware and software\n",
-            "Every measured figure above names one of these runs; its JSON holds every trial.\n",
-            results_io.markdown_table(["Run", "File", "Script", "Date (UTC)", "Device", "CPU / RAM", "Load avg", "OS",
-                                       "Libraries", "Commit", "Command"], table)]
+            "Every measured figure above names one of these runs; its JSON holds every trial, question and "
+            "completion. *Superseded* runs gave figures that newer runs of the same model and hardware "
+            "replaced; they are kept for the record. Load average: 1/5/15-minute, at the start of the run.\n",
+            results_io.markdown_table(["Run", "File", "Script", "Date (UTC)", "Hardware", "Load avg", "Commit"],
+                                      table),
+            "Software:\n\n" + "\n".join(f"- {run_span(rids)}: {sw}" for sw, rids in software.items()) + "\n",
+            "Commands:\n\n" + "\n".join(f"- {run.rid}: `{run.data['environment']['command']}`" for run in runs)
+            + "\n"]
 
 
 def render_comparison(runs: list[ReportRun], rows: list[ModelRow], chart_parts: list[str], page_dir: Path) -> str:
