@@ -1423,6 +1423,9 @@ def model_section(r: ModelRow) -> list[str]:
                                                                  f"{weights_label(e)}", rid],
              ["KV cache", f"{e['kv_cache_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens",
               f"2 × layers × KV heads × head dim × {e['dtype']} bytes, from the config", rid]]
+    if e.get("load_seconds") is not None:
+        table += [["Load time", f"{e['load_seconds']:.1f} s", "tokenizer + weights onto the device, wall clock", rid],
+                  ["Size on disk", f"{gb(e.get('disk_bytes'))} GB", "weight files as downloaded", rid]]
     if r.speed:
         sp, st = r.speed.value, r.speed.run.data["settings"]
         setting = f"{st['repetitions']} repetitions after 1 warm-up, {weights_label(r.speed.entry)}"
