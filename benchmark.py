@@ -1276,7 +1276,7 @@ def chart_sections(rows: list[ModelRow], img_dir: Path, page_dir: Path) -> list[
             continue
         png = draw_png_chart(img_dir / f"comparison-{stem}.png", title, unit, bars, published, chance)
         rel = Path(os.path.relpath(png, page_dir)).as_posix()
-        digits = 2 if max((b[1] or 0) for b in bars) < 10 else 1
+        digits = 2 if unit != "%" and max((b[1] or 0) for b in bars) < 10 else 1  # percentages: one decimal
         text = results_io.bar_chart([(b[0], b[1]) for b in bars if b[1] is not None], unit=unit, digits=digits)
         if published:
             text += "published:\n" + results_io.bar_chart(list(published.items()), unit=unit, digits=1)
