@@ -399,8 +399,8 @@ def find_spec(name: str | None) -> ModelSpec | None:
     if spec is not None:
         return spec
     stem = Path(name.rstrip("/")).name.lower().removesuffix(".gguf")
-    if stem in _ALIASES:
-        return REGISTRY[_ALIASES[stem]]
+    if stem in REGISTRY:  # a directory named after a key; short aliases ("qwen3") are too loose for a path
+        return REGISTRY[stem]
     for spec in _ENTRIES:  # "<hub name>.Q4_1", "<hub name>-q4_k_m": a quantisation suffix after the name
         base = spec.hf_id.split("/")[-1].lower()
         if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|iq\d)", stem):

@@ -294,3 +294,4 @@ def test_spec_of_finds_registry_entries_behind_paths_and_gguf_names():
     assert models.spec_of("/tmp/smollm2-135m/").key == "smollm2-135m"
     assert models.spec_of("Qwen/Qwen2.5-1.5B-Instruct").key == "qwen2.5-1.5b"
     assert models.spec_of("/tmp/my-own-model") is None
+    assert models.spec_of("/tmp/work/qwen3") is None  # a short alias is not enough to claim a directory
