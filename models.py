@@ -435,8 +435,24 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+CPU_BF16_ENV = "BILLION_LLM_CPU_BF16"  # "1"/"0" overrides what /proc/cpuinfo says (tests set both)
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16); Apple silicon counts."""
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16); Apple silicon counts.
+
+    BILLION_LLM_CPU_BF16=1 or 0 overrides the detection, so the CPU default dtype (bf16 or fp32)
+    can be chosen the same on every machine: tests run under both, and a user can compare them.
+
+    Raises:
+        UserError: when the override is set to something other than 0 or 1.
+    """
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override:
+        if override not in ("0", "1"):
+            raise UserError(f"{CPU_BF16_ENV}={override!r}: set it to 1 (bf16 on CPU), 0 (fp32) or unset it "
+                            "to read the CPU flags.")
+        return override == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

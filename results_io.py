@@ -115,7 +115,8 @@ def environment(device=None, seed: int | None = None, argv: list[str] | None = N
         "packages": package_versions(),
         "device": device_info(device),
         "cpu": {"model": models.cpu_model_name(), "cores_logical": psutil.cpu_count(),
-                "cores_physical": psutil.cpu_count(logical=False), "native_bf16": models.cpu_has_native_bf16()},
+                "cores_physical": psutil.cpu_count(logical=False), "native_bf16": models.cpu_has_native_bf16(),
+                "bf16_override": os.environ.get(models.CPU_BF16_ENV) or None},
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 2),
         # other work on the machine slows every figure: 1/5/15-minute load averages at the start
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -134,7 +135,9 @@ def environment_markdown(env: dict) -> str:
         ("Date (UTC)", env["date"]), ("Command", f"`{env['command']}`"), ("Seed", env.get("seed")),
         ("Device", f"{dev['type']}: {dev['name']} ({dev.get('memory_gb')} GB)"),
         ("CPU", f"{env['cpu']['model']}, {env['cpu']['cores_logical']} logical cores, "
-                f"native bf16: {'yes' if env['cpu']['native_bf16'] else 'no'}"),
+                f"native bf16: {'yes' if env['cpu']['native_bf16'] else 'no'}"
+                + (f" (set by BILLION_LLM_CPU_BF16={env['cpu']['bf16_override']})"
+                   if env["cpu"].get("bf16_override") else "")),
         ("RAM", f"{env['ram_gb']} GB"), ("Load average at start", env.get("load_average") or "not recorded"),
         ("OS / Python", f"{env['os']} / Python {env['python']}"),
         ("Libraries", pk), ("Commit", env.get("git_commit") or "n/a"),

@@ -20,6 +20,12 @@ if str(ROOT) not in sys.path:  # the scripts are top-level modules, not a packag
 
 import models  # noqa: E402
 
+# The machine must not decide a test's outcome: on CPUs with AMX/AVX512-BF16 `pick_dtype` would choose
+# bf16, elsewhere fp32. Every test runs with the CPU default pinned (fp32 unless the person running the
+# suite sets BILLION_LLM_CPU_BF16=1 to run it all under bf16); tests whose outcome could depend on the
+# default use the `cpu_default_dtype` fixture and run under both.
+os.environ.setdefault(models.CPU_BF16_ENV, "0")
+
 SHARED = Path(os.environ.get("BILLION_LLM_SHARED", ROOT.parent / "shared"))
 SMOLLM2_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MMLU_DIR = SHARED / "data" / "mmlu"
@@ -118,6 +124,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def cpu_default_dtype(request, monkeypatch) -> str:
+    """Run a test once with each CPU default dtype, as an AMD EPYC (fp32) and an AMX Xeon (bf16)
+    would choose it; yields the dtype name that `--dtype auto` now means on the CPU."""
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1" if request.param == "bf16" else "0")
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -395,7 +395,7 @@ def run_main(argv, capsys):
     return capsys.readouterr().out
 
 
-def test_noninteractive_prompts_write_transcript(tiny_models, tmp_path, capsys):
+def test_noninteractive_prompts_write_transcript(tiny_models, tmp_path, capsys, cpu_default_dtype):
     out = run_main(["--model", str(tiny_models["llama"]), "--prompt", "hello", "--prompt", "and the river",
                     "--max-new-tokens", "6", "--temperature", "0", "--output-dir", str(tmp_path)], capsys)
     [json_path] = tmp_path.glob("demo_chat-*.json")
@@ -403,7 +403,7 @@ def test_noninteractive_prompts_write_transcript(tiny_models, tmp_path, capsys):
     assert data["mode"] == "chat" and [r["prompt"] for r in data["rounds"]] == ["hello", "and the river"]
     reply = data["rounds"][0]["replies"][0]
     assert reply["text"] and reply["text"] in out and reply["footer"] in out
-    assert data["models"][0]["dtype"] == "fp32" and data["models"][0]["instruction_tuned"] is True
+    assert data["models"][0]["dtype"] == cpu_default_dtype and data["models"][0]["instruction_tuned"] is True
     assert data["environment"]["device"]["type"] == "cpu" and data["settings"]["temperature"] == 0.0
     assert f"**User:** and the river" in json_path.with_suffix(".md").read_text()
 

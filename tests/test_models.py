@@ -110,6 +110,7 @@ def test_cuda_dtype_rule(monkeypatch):
 
 
 def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
+    monkeypatch.delenv(models.CPU_BF16_ENV, raising=False)
     real_read = Path.read_text
     flags = {"text": "flags\t: fpu sse avx2 avx512f\n"}
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: flags["text"] if str(self) == "/proc/cpuinfo"
@@ -117,6 +118,20 @@ def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
     assert not models.cpu_has_native_bf16()
     flags["text"] = "flags\t: fpu avx512f avx512_bf16 amx_tile\n"
     assert models.cpu_has_native_bf16()
+
+
+def test_cpu_bf16_override_beats_the_cpu_flags(monkeypatch):
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "flags\t: avx512_bf16 amx_bf16\n"
+                        if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert models.pick_dtype(torch.device("cpu")) == torch.float32  # an AMX machine told to act like an EPYC
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    assert models.pick_dtype(torch.device("cpu")) == torch.bfloat16
+    assert models.pick_dtype(torch.device("cpu"), "fp32") == torch.float32  # --dtype still wins
+    monkeypatch.setenv(models.CPU_BF16_ENV, "yes")
+    with pytest.raises(models.UserError, match="BILLION_LLM_CPU_BF16='yes': set it to 1"):
+        models.pick_dtype(torch.device("cpu"))
 
 
 def test_device_validation(monkeypatch):

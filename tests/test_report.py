@@ -25,8 +25,15 @@ def report(results_dir: Path, page: Path, *files: str) -> Path:
 
 
 def copy_results(dst: Path) -> Path:
-    """The committed results/, without fine-tuned adapter weights (the report reads JSON only)."""
-    shutil.copytree(ROOT / "results", dst, ignore=shutil.ignore_patterns("adapter", "merged"))
+    """A clean copy of the results files the committed page cites in its Runs table, and nothing else:
+    whatever else a person's results/ holds (their own runs) must not change what these tests see."""
+    page = ROOT / "docs" / "COMPARISON.md"
+    cited = run_files(page.read_text(encoding="utf-8"), page.parent).values()
+    results = (ROOT / "results").resolve()
+    for path in cited:
+        target = dst / path.relative_to(results)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
     return dst
 
 

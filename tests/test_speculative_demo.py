@@ -359,7 +359,8 @@ def test_parser_rejects_bad_values():
     assert sd.parse_self_draft("self:12", 30) == 12 and sd.parse_self_draft("qwen2.5-0.5b", 30) is None
 
 
-def test_script_writes_results_with_every_method_lossless(tiny_models, noisy_draft, tmp_path, capsys):
+def test_script_writes_results_with_every_method_lossless(tiny_models, noisy_draft, tmp_path, capsys,
+                                                          cpu_default_dtype):
     target_dir = str(tiny_models["llama"])
     draft_dir = noisy_draft.resolved.path
     assert sd.main(["--target", target_dir, "--draft", draft_dir, "--prompt-kind", "summarise",
@@ -369,8 +370,12 @@ def test_script_writes_results_with_every_method_lossless(tiny_models, noisy_dra
     methods = data["prompts"]["summarise"]["methods"]
     assert set(methods) == {"target alone (HF generate)", "target alone (our loop)", "ours", "hf-assisted",
                             "lookup", "hf-lookup"}
+    # The model stops at EOS on its own, so the length may be under 16, but every method is lossless:
+    # each yields exactly as many tokens as the target alone (random weights reach EOS earlier in bf16).
+    expected = methods["target alone (our loop)"]["n_tokens"]
+    assert 1 <= expected <= 16
     for name, m in methods.items():
-        assert m["n_tokens"] == 16 and len(m["tok_s_trials"]) == 2
+        assert m["n_tokens"] == expected and len(m["tok_s_trials"]) == 2, name
         if name != "target alone (HF generate)":
             assert m["lossless"]["identical"], name
     ours = methods["ours"]
