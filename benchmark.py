@@ -113,17 +113,6 @@ PROMPT_CATEGORIES = {
 # Statistics
 # ----------------------------------------------------------------------------------------------
 
-def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion (sound near 0 and 1, unlike p ± 1.96·se)."""
-    if total == 0:
-        return math.nan, math.nan
-    p = correct / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed as a stable product."""
     if n - c < k:
@@ -136,7 +125,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def accuracy_summary(correct: int, total: int) -> dict:
     """Accuracy with its 95% Wilson interval and lm-eval's standard error sqrt(p(1-p)/(n-1))."""
-    low, high = wilson_interval(correct, total)
+    low, high = results_io.wilson_interval(correct, total)
     acc = correct / total if total else math.nan
     stderr = math.sqrt(acc * (1 - acc) / (total - 1)) if total > 1 else math.nan
     return {"correct": correct, "total": total, "accuracy": acc, "ci95": [low, high], "stderr": stderr}
@@ -790,10 +779,6 @@ def benchmark_model(args, name: str, quantize: str, progress_factory) -> dict:
 # Reports
 # ----------------------------------------------------------------------------------------------
 
-def gb(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 1e9:.2f}"
-
-
 def fmt_stat(block: dict | None, digits: int | None = None) -> str:
     """mean ± std; two decimals below 10 so slow CPU figures keep their spread."""
     if not isinstance(block, dict) or "mean" not in block:
@@ -843,10 +828,10 @@ def summary_rows(data: dict) -> tuple[list[str], list[list]]:
         speed = e.get("speed", {})
         load = e.get("load_seconds")
         row = [e["model"], f"{e['params'] / 1e9:.3f}B", e["quantize"],
-               "n/a (synthetic)" if load is None else f"{load:.1f}", gb(e.get("disk_bytes"))]
+               "n/a (synthetic)" if load is None else f"{load:.1f}", results_io.gb(e.get("disk_bytes"))]
         if speed_cols:
             row += [fmt_stat(speed.get("prefill")), fmt_stat(speed.get("decode")), fmt_stat(speed.get("ttft"), 0),
-                    gb(e.get("memory", {}).get("peak_bytes"))]
+                    results_io.gb(e.get("memory", {}).get("peak_bytes"))]
         row += [mmlu_cell(e, k) for k in shots]
         if not st["skip_humaneval"]:
             row.append(humaneval_cell(e))
@@ -934,13 +919,13 @@ def humaneval_sections(ok: dict) -> list[str]:
 def print_summary(entry: dict) -> None:
     """The figures of one finished model, on the terminal."""
     print(f"\n== {entry['model']} ({entry['quantize']}, {entry['dtype']}, {entry['device_name']}) ==")
-    print(f"params {entry['params']:,}  weights {gb(entry['weight_bytes'])} GB  "
+    print(f"params {entry['params']:,}  weights {results_io.gb(entry['weight_bytes'])} GB  "
           f"KV cache {entry['kv_cache_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens")
     if "speed" in entry:
         sp = entry["speed"]
         print(f"prefill {fmt_stat(sp['prefill'])} tok/s (pp{sp['prefill']['prompt_tokens']})  "
               f"decode {fmt_stat(sp['decode'])} tok/s (tg{sp['decode']['new_tokens']})  "
-              f"TTFT {fmt_stat(sp['ttft'], 0)} ms  peak {gb(entry['memory']['peak_bytes'])} GB")
+              f"TTFT {fmt_stat(sp['ttft'], 0)} ms  peak {results_io.gb(entry['memory']['peak_bytes'])} GB")
     mmlu = entry.get("mmlu")
     if isinstance(mmlu, dict):
         for shots, res in mmlu.items():
@@ -1121,7 +1106,7 @@ def measured_quality(row: ModelRow, benchmark: str, shots: int | None = None,
     suits = "chat" if row.spec is None or row.spec.instruct else "completion"
     m = row.humaneval.get(mode) or row.humaneval.get(suits) or row.humaneval[sorted(row.humaneval)[0]]
     he = m.value  # Wilson over problems: exact for greedy (1 sample), approximate for n > 1
-    low, high = wilson_interval(round(he["pass@1"] * he["problems"]), he["problems"])
+    low, high = results_io.wilson_interval(round(he["pass@1"] * he["problems"]), he["problems"])
     return 100 * he["pass@1"], 100 * low, 100 * high, m, None
 
 
@@ -1298,7 +1283,7 @@ def summary_table(rows: list[ModelRow]) -> str:
                                                       ("HumanEval", he and he[3])) if m]
         table.append([f"**{r.label}**{twin}", f"{r.params / 1e9:.2f}B"] + ([] if one_hw else [r.hardware]) + [
             fmt_stat(sp.value["decode"]) if sp else "n/a", fmt_stat(sp.value["prefill"]) if sp else "n/a",
-            gb(r.memory.value["peak_bytes"]) if r.memory else "n/a",
+            results_io.gb(r.memory.value["peak_bytes"]) if r.memory else "n/a",
             fmt_quality(mmlu, cite_run=False), published_cell(r.spec, "mmlu"),
             fmt_quality(he, cite_run=False), published_cell(r.spec, "humaneval"), " · ".join(runs)])
     return results_io.markdown_table(headers, table)
@@ -1340,9 +1325,9 @@ def recommendation_lines(rows: list[ModelRow]) -> list[str]:
             lines.append(text + ".")
         order = ranked(group, lambda r: r.memory.value["peak_bytes"], False)
         best = order[0][0]
-        lines.append(f"- **Least memory on {hw}: {best.label}** — peak {gb(best.memory.value['peak_bytes'])} GB "
+        lines.append(f"- **Least memory on {hw}: {best.label}** — peak {results_io.gb(best.memory.value['peak_bytes'])} GB "
                      f"above baseline while generating ({best.memory.run.rid}); the largest, {order[-1][0].label}, "
-                     f"needs {gb(order[-1][0].memory.value['peak_bytes'])} GB.")
+                     f"needs {results_io.gb(order[-1][0].memory.value['peak_bytes'])} GB.")
     for bench, what in (("mmlu", "MMLU"), ("humaneval", "HumanEval")):
         measured = ranked(rows, lambda r: (measured_quality(r, bench, 5) or [None])[0], True)
         if measured:
@@ -1370,7 +1355,7 @@ def model_use_line(r: ModelRow, rows: list[ModelRow]) -> str:
         mem = [x for x, _ in ranked(group, lambda x: x.memory.value["peak_bytes"], False)]
         bits.append(f"decode #{order.index(r) + 1} of {len(group)} ({fmt_stat(r.speed.value['decode'])} tok/s, "
                     f"{r.speed.run.rid}), memory #{mem.index(r) + 1} of {len(group)} "
-                    f"({gb(r.memory.value['peak_bytes'])} GB, {r.memory.run.rid})")
+                    f"({results_io.gb(r.memory.value['peak_bytes'])} GB, {r.memory.run.rid})")
     got = measured_quality(r, "mmlu", 5)
     if got:
         bits.append(f"MMLU {fmt_quality(got)}")
@@ -1419,13 +1404,13 @@ def model_section(r: ModelRow) -> list[str]:
     e = r.entry
     rid = r.entry_run.rid
     table = [["Parameters", f"{e['params']:,}", "counted in the loaded model, tied embeddings once", rid],
-             ["Weights in memory", f"{gb(e['weight_bytes'])} GB", f"parameters + buffers as loaded, "
+             ["Weights in memory", f"{results_io.gb(e['weight_bytes'])} GB", f"parameters + buffers as loaded, "
                                                                  f"{weights_label(e)}", rid],
              ["KV cache", f"{e['kv_cache_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens",
               f"2 × layers × KV heads × head dim × {e['dtype']} bytes, from the config", rid]]
     if e.get("load_seconds") is not None:
         table += [["Load time", f"{e['load_seconds']:.1f} s", "tokenizer + weights onto the device, wall clock", rid],
-                  ["Size on disk", f"{gb(e.get('disk_bytes'))} GB", "weight files as downloaded", rid]]
+                  ["Size on disk", f"{results_io.gb(e.get('disk_bytes'))} GB", "weight files as downloaded", rid]]
     if r.speed:
         sp, st = r.speed.value, r.speed.run.data["settings"]
         setting = f"{st['repetitions']} repetitions after 1 warm-up, {weights_label(r.speed.entry)}"
@@ -1434,7 +1419,7 @@ def model_section(r: ModelRow) -> list[str]:
                   ["Decode", f"{fmt_stat(sp['decode'])} tok/s", f"tg{sp['decode']['new_tokens']} forced length; "
                                                                   f"{setting}", r.speed.run.rid],
                   ["Time to first token", f"{fmt_stat(sp['ttft'], 0)} ms", sp["ttft"]["prompt"], r.speed.run.rid],
-                  ["Peak memory while generating", f"{gb(r.memory.value['peak_bytes'])} GB",
+                  ["Peak memory while generating", f"{results_io.gb(r.memory.value['peak_bytes'])} GB",
                    r.memory.value["method"], r.memory.run.rid]]
     for shots, m in sorted(r.mmlu.items(), key=lambda kv: int(kv[0])):
         v = m.value

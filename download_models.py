@@ -134,12 +134,8 @@ def check_disk(plans: list[Plan], cache_dir: str | None) -> None:
     need = int(sum(p.total_bytes for p in plans) * DISK_MARGIN)
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise models.UserError(f"not enough disk space in {root}: need {gb(need)} GB, {gb(free)} GB free. "
+        raise models.UserError(f"not enough disk space in {root}: need {results_io.gb(need)} GB, {results_io.gb(free)} GB free. "
                                "Free some space, pick fewer --models, or use --cache-dir on a bigger disk.")
-
-
-def gb(nbytes: int | float) -> str:
-    return f"{nbytes / 1e9:.2f}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +197,7 @@ def registry_rows(cache_dir: str | None) -> list[list]:
     for s in models.REGISTRY.values():
         size = cached.get(s.hf_id)
         rows.append([s.key, s.hf_id, f"{s.params / 1e9:.2f}B", s.family, "instruct" if s.instruct else "base",
-                     "yes" if s.gated else "", s.license, f"yes ({gb(size)} GB)" if size else "no"])
+                     "yes" if s.gated else "", s.license, f"yes ({results_io.gb(size)} GB)" if size else "no"])
     return rows
 
 
@@ -216,9 +212,9 @@ def print_registry(cache_dir: str | None) -> None:
 
 def print_plan(plans: list[Plan]) -> None:
     from tabulate import tabulate
-    rows = [[p.key, p.repo_id, len(p.files), gb(p.total_bytes), "yes" if p.gated else ""] for p in plans]
+    rows = [[p.key, p.repo_id, len(p.files), results_io.gb(p.total_bytes), "yes" if p.gated else ""] for p in plans]
     print(tabulate(rows, headers=["model", "repository", "files", "GB", "gated"]))
-    print(f"total: {gb(sum(p.total_bytes for p in plans))} GB")
+    print(f"total: {results_io.gb(sum(p.total_bytes for p in plans))} GB")
 
 
 def summary_markdown(outcomes: list[dict], env: dict) -> str:
@@ -238,7 +234,7 @@ def fetch_one(plan: Plan, args) -> dict:
         if "cannot reach the Hugging Face Hub" in str(exc):
             raise
         return dict(outcome, status="failed", message=str(exc))
-    outcome.update(status="ok", path=str(snapshot), revision=plan.revision, gb=gb(plan.total_bytes),
+    outcome.update(status="ok", path=str(snapshot), revision=plan.revision, gb=results_io.gb(plan.total_bytes),
                    files=[f.name for f in plan.files])
     if args.verify:
         bad = verify(plan, snapshot)
@@ -276,7 +272,7 @@ def main(argv=None) -> int:
     json_path, _ = results_io.result_paths(args.output_dir, "download_models")
     outcomes = list(failed)
     for plan in plans:
-        print(f"\n== {plan.key} ({plan.repo_id}, {gb(plan.total_bytes)} GB)")
+        print(f"\n== {plan.key} ({plan.repo_id}, {results_io.gb(plan.total_bytes)} GB)")
         outcomes.append(fetch_one(plan, args))
         results_io.write_results(json_path, {"environment": env, "models": outcomes},
                                  summary_markdown(outcomes, env))

@@ -119,7 +119,7 @@ def environment(device=None, seed: int | None = None, argv: list[str] | None = N
                 "bf16_override": os.environ.get(models.CPU_BF16_ENV) or None},
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 2),
         # other work on the machine slows every figure: 1/5/15-minute load averages at the start
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
         "git_commit": git_commit(),
         "command": " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:]
                                                         if argv is None else argv)),
@@ -164,6 +164,31 @@ def write_results(json_path: str | Path, data: dict, markdown: str) -> tuple[Pat
 # ----------------------------------------------------------------------------------------------
 # Statistics and small text renderings shared by the reports
 # ----------------------------------------------------------------------------------------------
+
+Z95 = 1.959964  # two-sided 95% quantile of the standard normal
+
+
+def wilson_interval(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, as fractions in [0, 1] (sound near 0 and 1,
+    unlike p ± 1.96·se); (nan, nan) for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine slows every figure."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def gb(nbytes: int | float | None) -> str:
+    """Bytes as decimal GB with two decimals ('n/a' when unknown)."""
+    return "n/a" if nbytes is None else f"{nbytes / 1e9:.2f}"
+
 
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""

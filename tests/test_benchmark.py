@@ -17,6 +17,7 @@ import torch
 
 import benchmark
 import models
+import results_io
 
 DOC = {"question": "  What is 2 + 2?\n", "choices": ["3", "4", "5", "22"], "answer": 1}
 SHOTS = [
@@ -133,11 +134,11 @@ def test_summary_counts_accuracy_micro_and_macro():
 # ---------------------------------------------------------------------------------------------
 
 def test_wilson_interval_hand_computed():
-    low, high = benchmark.wilson_interval(8, 10)
+    low, high = results_io.wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
-    low, high = benchmark.wilson_interval(0, 20)
+    low, high = results_io.wilson_interval(0, 20)
     assert low == 0.0 and high == pytest.approx(0.1611, abs=1e-4)
-    low, high = benchmark.wilson_interval(50, 100)
+    low, high = results_io.wilson_interval(50, 100)
     assert (low + high) / 2 == pytest.approx(0.5) and high - low == pytest.approx(2 * 0.0962, abs=1e-3)
 
 
