@@ -470,6 +470,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 FALLBACK_STOP = "\nUser:"
+# End-of-turn tokens of the chat formats in the registry: a reply ends at any of them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+DEFAULT_CONTEXT_TOKENS = 2048  # when neither the model config nor the registry states one
+GGUF_QUANT = re.compile(r"(?i)[.-](i?q\d\w*|f16|bf16|f32)$")  # "SmolLM2-135M-Instruct.Q4_1" -> Q4_1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,6 +558,36 @@ def resolve(name: str) -> Resolved:
         f"{what} '{name}': {hint}Run `python download_models.py --list` for the registry "
         "(any Hugging Face id like org/name, a local model directory or a .gguf file also works)."
     )
+
+
+def canonical_name(name: str) -> str:
+    """One spelling per model, so a results row is found again however the model was typed: the
+    registry key, the hub id, or the absolute path of a local directory or GGUF file."""
+    try:
+        resolved = resolve(name)
+    except UserError:
+        return name
+    if resolved.source == "registry":
+        return resolved.spec.key
+    if resolved.gguf_file:
+        return str(Path(resolved.path) / resolved.gguf_file)
+    return resolved.path
+
+
+def disk_bytes(resolved: Resolved, cache_dir: str | None = None) -> int | None:
+    """Size of the weight files on disk (GGUF file, local dir, or the hub cache snapshot); None
+    when the model is not on disk."""
+    if resolved.gguf_file:
+        return (Path(resolved.path) / resolved.gguf_file).stat().st_size
+    folder = Path(resolved.path) if resolved.source == "local" else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(resolved.path, local_files_only=True, cache_dir=cache_dir))
+        except Exception:  # noqa: BLE001  not cached: size unknown, never fatal
+            return None
+    files = [f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    return sum(f.stat().st_size for f in files) or None
 
 
 def _spec_for_hub_id(hub_id: str) -> ModelSpec | None:
@@ -861,6 +895,12 @@ def model_revision(resolved: Resolved, model) -> str | None:
     if resolved.gguf_file:
         return "sha256:" + file_sha256(Path(resolved.path) / resolved.gguf_file)[:16]
     return None
+
+
+def gguf_quant(gguf_file: str | None) -> str:
+    """The quantization a GGUF file name states ("Q4_1", "Q4_K_M", "F16"), or "" when it states none."""
+    match = GGUF_QUANT.search(Path(gguf_file or "").stem)
+    return match.group(1).upper() if match else ""
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -31,7 +31,7 @@ import results_io
 DEFAULT_K = 4
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_TEMPERATURE = 0.0
-DEFAULT_REPEATS = 3
+DEFAULT_REPETITIONS = 3
 DEFAULT_WARMUP = 1
 DEFAULT_NGRAM = 3  # prompt lookup tries the last 3, then 2, then 1 tokens
 DEFAULT_PROMPT_KIND = "all"
@@ -117,7 +117,7 @@ class CachedLM:
         assert fresh, "the cache already holds the whole sequence"
         ids = torch.tensor([fresh], device=self.device)
         with first_layers(self.model, self.n_layers):
-            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True,
                              logits_to_keep=min(keep, len(fresh)))
         self.forwards += 1
         return out.logits[0].float()
@@ -646,7 +646,7 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Speculative decoding: {report['target']['model']} with draft {report['compatibility']['draft'] if report['compatibility'] else 'none'}",
              "", results_io.environment_markdown(report["environment"]),
              f"k = {s['k']}, max new tokens = {s['max_new_tokens']}, temperature = {s['temperature']}, "
-             f"{s['repeats']} timed repeats after {s['warmup']} warm-up, dtype {report['target']['dtype']}, "
+             f"{s['repetitions']} timed repetitions after {s['warmup']} warm-up, dtype {report['target']['dtype']}, "
              f"load average at start {s['load_average']}.", ""]
     if report["compatibility"]:
         c = report["compatibility"]
@@ -697,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"0 = greedy (default: {DEFAULT_TEMPERATURE})")
     parser.add_argument("--ngram", type=int, default=DEFAULT_NGRAM,
                         help=f"longest n-gram prompt lookup matches (default: {DEFAULT_NGRAM})")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"timed runs (default: {DEFAULT_REPEATS})")
+    parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS,
+                        help=f"timed runs (default: {DEFAULT_REPETITIONS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed runs first (default: {DEFAULT_WARMUP})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
@@ -708,8 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(parser, args) -> None:
     if args.k < 1:
         parser.error("--k must be at least 1")
-    if args.max_new_tokens < 1 or args.repeats < 1 or args.warmup < 0 or args.ngram < 1:
-        parser.error("--max-new-tokens, --repeats and --ngram must be positive, --warmup >= 0")
+    if args.max_new_tokens < 1 or args.repetitions < 1 or args.warmup < 0 or args.ngram < 1:
+        parser.error("--max-new-tokens, --repetitions and --ngram must be positive, --warmup >= 0")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
     if args.threads is not None and args.threads < 1:
@@ -795,11 +796,11 @@ def run_hf(setup: Setup, method: str, enc: dict, k: int, args, trial: int) -> tu
 
 
 def time_method(setup: Setup, method: str, prompt: list[int], enc: dict, k: int, args) -> dict:
-    """Warm-up runs, then `repeats` timed runs of one method; tokens, tok/s and round statistics."""
+    """Warm-up runs, then `repetitions` timed runs of one method; tokens, tok/s and round statistics."""
     drafter = {"ours": setup.drafter, "lookup": LookupDrafter(args.ngram, setup.vocab),
                "loop": NoDrafter(setup.vocab)}.get(method)
     runs = []
-    for trial in range(args.warmup + args.repeats):
+    for trial in range(args.warmup + args.repetitions):
         if drafter is not None:
             runs.append(run_ours(setup, drafter, prompt, k, args, trial))
         else:
@@ -932,7 +933,7 @@ def main(argv=None) -> int:
               "target": setup.target.context(), "draft": setup.draft.context() if setup.draft else None,
               "compatibility": setup.compat, "methods": setup.methods,
               "settings": {"k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                           "repeats": args.repeats, "warmup": args.warmup, "ngram": args.ngram,
+                           "repetitions": args.repetitions, "warmup": args.warmup, "ngram": args.ngram,
                            "self_layers": setup.self_layers, "threads": torch.get_num_threads(), "load_average": [round(v, 2) for v in os.getloadavg()]},
               "prompts": {}, "sweep": None}
     with models.translated_errors(setup.target.label, setup.target.device):
