@@ -63,7 +63,7 @@ def file_type_name(value: str | None) -> str:
     """GGUF general.file_type (an enum number) as a quant name: "3" -> "Q4_1"."""
     import gguf
     try:
-        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (TypeError, ValueError):
         return "unknown"
 

@@ -53,7 +53,7 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path) -> Path:
 
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = set(tok.all_special_ids)
+    special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)  # "<|im_start|>" is one token in text
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
