@@ -84,7 +84,11 @@ def random_prompt_ids(vocab_size: int, n_tokens: int, seed: int, avoid: set[int]
     """n_tokens random token ids, as llama-bench uses, none of them special."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (n_tokens,), generator=gen).tolist()
-    return [(t + 1) % vocab_size if t in avoid else t for t in ids]
+    for i, t in enumerate(ids):
+        while t in avoid:  # the next id that is not special (specials often sit side by side)
+            t = (t + 1) % vocab_size
+        ids[i] = t
+    return ids
 
 
 def time_prefill(engine, ids: list[int]) -> float:
@@ -292,7 +296,8 @@ def print_summary(e: ModelResult) -> None:
         print(f"MMLU {shots}-shot: micro {res.micro.fmt()}  macro {100 * res.macro['accuracy']:.1f}  "
               f"({res.micro.total} questions, {res.seconds:.0f} s, {res.truncated_prompts} truncated)")
     if isinstance(e.humaneval, str):
-        print(f"HumanEval: {e.humaneval}")
+        if e.humaneval != NOT_ALLOWED:  # that one is said once per run, up front
+            print(f"HumanEval: {e.humaneval}")
     elif e.humaneval:
         print(f"HumanEval ({e.humaneval.mode}): pass@1 {100 * e.humaneval.pass_at_1:.1f}% on "
               f"{e.humaneval.problems} problems  outcomes {e.humaneval.outcomes}")

@@ -548,6 +548,13 @@ def resolve(name: str) -> Resolved:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return Resolved(name, "gguf", str(path.resolve()), gguf_file=ggufs[0].name)
+        raise UnknownModelError(
+            f"directory '{name}' holds no model: it needs config.json with the weights (a transformers model "
+            + (f"directory), or name one of its {len(ggufs)} .gguf files directly." if ggufs else
+               "directory) or a single .gguf file."))
+    if path.is_file() and not name.endswith(".gguf"):
+        raise UnknownModelError(f"'{name}' is a file but not a .gguf model: pass a .gguf file or a model "
+                                "directory with config.json.")
     looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
     if _HUB_ID.match(name) and not path.exists() and not looks_local:
         return Resolved(name, "hub", name, spec=_spec_for_hub_id(name))
