@@ -48,6 +48,7 @@ class TransformersEngine(Engine):
         self.resolved, self.load_seconds, self.device = loaded.resolved, loaded.load_seconds, loaded.device
         self.vocab_size = self.model.config.get_text_config().vocab_size
         self.context_length = context_length(loaded)
+        self.share_prefix = True  # reuse the KV cache of a prefix all scored contexts share (off: lm-eval's way)
         self._cache = None
         if self.tokenizer is None:  # a random-weight twin: speed and memory only, no text
             self.eos_ids, self.special_ids, self.bos_text, self.is_base_model = set(), set(), None, False
@@ -169,7 +170,7 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _shared_prefix(self, contexts: list[list[int]]) -> SharedPrefix | None:
-        length = common_prefix_length(contexts) if len(contexts) > 1 else 0
+        length = common_prefix_length(contexts) if len(contexts) > 1 and self.share_prefix else 0
         if length < MIN_SHARED_PREFIX_TOKENS:
             return None
         ids = torch.tensor([contexts[0][:length]], device=self.device)
