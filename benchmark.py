@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import comparison
+import energy
 import engines
 import humaneval
 import mmlu
@@ -37,6 +38,7 @@ import models
 import results_io
 import roofline
 import sandbox
+from energy import EnergyReading
 from records import BenchmarkRun, Measure, Memory, ModelResult, Speed
 
 DEFAULT_REPETITIONS = 5
@@ -54,6 +56,7 @@ DEFAULT_HUMANEVAL_MEMORY_MB = 1024
 DEFAULT_HUMANEVAL_WORKERS = max(1, os.cpu_count() or 2)
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_SYNTHETIC_TTFT_TOKENS = 64  # twins have no tokenizer: TTFT over this many random tokens
+DEFAULT_IDLE_SECONDS = 5.0  # idle power measured once per run, before the first model, where a counter exists
 QUICK = dict(repetitions=2, prompt_tokens=128, new_tokens=32, category_max_new_tokens=48,
              category_repetitions=1, mmlu_limit=20, humaneval_limit=10)
 SYNTHETIC_NA = "n/a (synthetic weights)"
@@ -119,9 +122,11 @@ def timed_decode(engine, ids: list[int], new_tokens: int, forced: bool = True,
             "decode_tok_s": (len(times) - 1) / decode_s if len(times) > 1 and decode_s > 0 else float("nan")}
 
 
-def measure_speed(engine, args, progress) -> Speed:
+def measure_speed(engine, args, progress, meter: energy.EnergyMeter | None = None) -> Speed:
     """Prefill (ppN), decode (tgM), TTFT through the chat template, and end-to-end tok/s per prompt
-    category with the model's own stopping; every trial kept."""
+    category with the model's own stopping; every trial kept. With an energy meter each prefill and
+    decode trial is its own window: J/token and tokens/J over all trials of each."""
+    meter = meter or energy.EnergyMeter([], "no meter given")
     avoid = engine.special_ids
     prefill_ids = random_prompt_ids(engine.vocab_size, args.prompt_tokens, args.seed, avoid)
     decode_ids = random_prompt_ids(engine.vocab_size, DEFAULT_DECODE_CONTEXT_TOKENS, args.seed + 1, avoid)
@@ -136,21 +141,33 @@ def measure_speed(engine, args, progress) -> Speed:
 
     time_prefill(engine, prefill_ids)  # warm-up, not counted: kernels, allocator, caches
     timed_decode(engine, decode_ids, min(8, args.new_tokens))
-    prefill, decode, ttft = [], [], []
+    prefill, decode, ttft, prefill_j, decode_j = [], [], [], [], []
     for _ in range(args.repetitions):
-        seconds = time_prefill(engine, prefill_ids)
+        with meter.window() as w:
+            seconds = time_prefill(engine, prefill_ids)
+        prefill_j.append(w.reading)
         prefill.append({"seconds": seconds, "tokens": args.prompt_tokens, "tok_s": args.prompt_tokens / seconds})
-        decode.append(timed_decode(engine, decode_ids, args.new_tokens))
+        with meter.window() as w:
+            decode.append(timed_decode(engine, decode_ids, args.new_tokens))
+        decode_j.append(w.reading)
         ttft.append({"seconds": ttft_trial()})
         progress.update(1)
     return Speed(
-        prefill=Measure.of([t["tok_s"] for t in prefill], "tok/s", trials=prefill, prompt_tokens=args.prompt_tokens),
+        prefill=Measure.of([t["tok_s"] for t in prefill], "tok/s", trials=prefill, prompt_tokens=args.prompt_tokens,
+                           energy=energy_per(prefill_j, args.prompt_tokens * args.repetitions)),
         decode=Measure.of([t["decode_tok_s"] for t in decode], "tok/s", trials=decode, new_tokens=args.new_tokens,
-                          context_tokens=DEFAULT_DECODE_CONTEXT_TOKENS),
+                          context_tokens=DEFAULT_DECODE_CONTEXT_TOKENS,
+                          energy=energy_per(decode_j, sum(t["new_tokens"] for t in decode))),
         ttft=Measure.of([t["seconds"] * 1000 for t in ttft], "ms", trials=ttft,
                         prompt=f"{DEFAULT_SYNTHETIC_TTFT_TOKENS} random tokens (synthetic: no tokenizer)" if twin
                         else "chat-templated TTFT_MESSAGES"),
         categories=SYNTHETIC_NA if twin else measure_categories(engine, args))
+
+
+def energy_per(readings: list[EnergyReading | None], units: int, unit: str = "token") -> dict | None:
+    """A phase's windows as one reading with its per-unit figures; None without a counter."""
+    total = EnergyReading.combine(readings)
+    return total.summary(units, unit) if total is not None and units > 0 else None
 
 
 def measure_categories(engine, args) -> dict[str, Measure]:
@@ -247,12 +264,13 @@ def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dic
     entry = describe_model(engine, name, args.cache_dir)
     entry.baseline_rss_bytes = baseline_rss
     phases = Phases(entry, lambda: save(entry))
+    meter = context["meter"]
     phases.save()
     if not args.skip_speed:
         def speed():
             with models.PeakMemory(engine.device, baseline_rss) as peak, \
                     progress_factory(total=args.repetitions, desc=f"speed {entry.model}") as bar:
-                entry.speed = measure_speed(engine, args, bar)
+                entry.speed = measure_speed(engine, args, bar, meter)
             entry.memory = Memory(**peak.report(), engine=engine.memory_details())
             entry.speed.roofline = roofline.roofline(entry.weight_bytes, entry.speed.decode.mean,
                                                      context.get("memory_bandwidth"))
@@ -261,7 +279,10 @@ def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dic
         def quality():
             entry.mmlu = {}
             for shots in args.mmlu_shots:
-                entry.mmlu[str(shots)] = mmlu.run(engine, context["mmlu_docs"], shots, args, progress_factory)
+                with meter.window() as w:
+                    result = mmlu.run(engine, context["mmlu_docs"], shots, args, progress_factory)
+                result.energy = energy_per([w.reading], result.micro.total, "question")
+                entry.mmlu[str(shots)] = result
                 phases.save()
         phases.run("mmlu", (lambda: setattr(entry, "mmlu", SYNTHETIC_NA)) if args.synthetic else quality)
     if not args.skip_humaneval:
@@ -270,7 +291,11 @@ def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dic
         elif not args.allow_code_execution:
             entry.humaneval = NOT_ALLOWED
         else:
-            phases.run("humaneval", lambda: setattr(entry, "humaneval", humaneval.run(engine, args, progress_factory)))
+            def code():
+                with meter.window() as w:
+                    entry.humaneval = humaneval.run(engine, args, progress_factory)
+                entry.humaneval.energy = energy_per([w.reading], entry.humaneval.problems, "problem")
+            phases.run("humaneval", code)
     engine.close()
     del engine
     release_memory()
@@ -292,6 +317,8 @@ def print_summary(e: ModelResult) -> None:
         if roof and roof.fraction is not None:
             print(f"roofline: {roof.achieved_gb_s:.2f} GB/s achieved of {roof.peak_gb_s:.1f} GB/s measured "
                   f"({100 * roof.fraction:.0f}%); memory allows at most {roof.bound_tok_s:.1f} tok/s")
+        if sp.decode.energy:
+            print(f"energy: prefill {fmt_energy(sp.prefill.energy)}  decode {fmt_energy(sp.decode.energy)}")
     for shots, res in (e.mmlu.items() if isinstance(e.mmlu, dict) else ()):
         print(f"MMLU {shots}-shot: micro {res.micro.fmt()}  macro {100 * res.macro['accuracy']:.1f}  "
               f"({res.micro.total} questions, {res.seconds:.0f} s, {res.truncated_prompts} truncated)")
@@ -351,9 +378,73 @@ def render_markdown(run: BenchmarkRun) -> str:
         if items:
             digits = 1 if max(v for _, v in items) >= 10 else 2
             parts += [f"## {title}\n", "```\n" + results_io.bar_chart(items, unit=unit, digits=digits) + "```\n"]
-    parts += mmlu_sections(ok) + category_sections(ok) + humaneval_sections(ok) + error_sections(run)
+    parts += energy_sections(run, ok) + mmlu_sections(ok) + category_sections(ok) + humaneval_sections(ok)
+    parts += agreement_sections(ok) + error_sections(run)
     parts += ["## Environment\n", results_io.environment_markdown(run.environment)]
     return "\n".join(parts)
+
+
+def fmt_energy(block: dict | None, unit: str = "tok") -> str:
+    """'0.412 J/tok · 2.43 tok/J (0.118 J/tok above idle)', or '' without a reading."""
+    if not block:
+        return ""
+    f = block["per_unit"]
+    text = f"{f['j_per_unit']:.3g} J/{unit}" + (f" · {f['units_per_j']:.3g} {unit}/J" if f["units_per_j"] else "")
+    return text + (f" ({f['above_idle_j_per_unit']:.3g} J/{unit} above idle)" if f["above_idle_j_per_unit"] is not None
+                   else "")
+
+
+def energy_sections(run: BenchmarkRun, ok: list[ModelResult]) -> list[str]:
+    """J/token for prefill and decode, J per MMLU question and HumanEval problem; or, once per run,
+    why energy was not measured."""
+    meter = run.environment.get("energy") or {}
+    if not meter.get("available"):
+        return [f"Energy: {meter.get('reason') or 'not measured — this run predates the energy meter'}.\n"]
+    idle = meter.get("idle_watts") or {}
+    rows = [[f"{e.model} · {e.engine}", fmt_energy(e.speed.prefill.energy) if e.speed else "",
+             fmt_energy(e.speed.decode.energy) if e.speed else "",
+             f"{e.speed.decode.energy['avg_watts']:.1f}" if e.speed and e.speed.decode.energy else "",
+             "; ".join(f"{k}-shot {fmt_energy(r.energy, 'question')}" for k, r in e.mmlu.items())
+             if isinstance(e.mmlu, dict) else "",
+             fmt_energy(e.humaneval.energy, "problem") if e.humaneval and not isinstance(e.humaneval, str) else ""]
+            for e in ok]
+    return ["## Energy\n", f"Counter: {meter['counter']}; idle {sum(idle.values()):.1f} W "
+            f"({', '.join(f'{d} {w:.1f} W' for d, w in idle.items())}) over {meter['idle_seconds']:.1f} s before the "
+            "first model. Above idle = total − idle W × seconds (docs/energy.md).\n",
+            results_io.markdown_table(["Model · engine", "Prefill", "Decode", "Decode avg W", "MMLU", "HumanEval"],
+                                      rows)]
+
+
+def agreement_sections(ok: list[ModelResult]) -> list[str]:
+    """Rows of the same model (engines, weights formats) that scored the same MMLU questions: how
+    often they agree, question by question, and how far their log-likelihoods are apart."""
+    parts = []
+    by_model: dict[str, list[ModelResult]] = {}
+    for e in ok:
+        by_model.setdefault(models.canonical_name(e.name), []).append(e)
+    for group in (g for g in by_model.values() if len(g) > 1):
+        ref = group[0]
+        for shots in (ref.mmlu if isinstance(ref.mmlu, dict) else {}):
+            rows = []
+            for other in group[1:]:
+                res = other.mmlu.get(shots) if isinstance(other.mmlu, dict) else None
+                if res is None:
+                    continue
+                a = {(q.subject, q.index): q for q in ref.mmlu[shots].questions}
+                pairs = [(a[(q.subject, q.index)], q) for q in res.questions if (q.subject, q.index) in a]
+                same = sum(x.prediction == y.prediction for x, y in pairs)
+                diffs = [abs(u - v) for x, y in pairs for u, v in zip(x.loglikelihoods, y.loglikelihoods)]
+                paired = results_io.paired_comparison([x.correct for x, _ in pairs], [y.correct for _, y in pairs])
+                rows.append([f"{other.engine} · {other.weights_label}", f"{same}/{len(pairs)}",
+                             f"{sum(diffs) / len(diffs):.4f}", f"{max(diffs):.4f}",
+                             f"{100 * paired['accuracy_diff']:+.1f} [{100 * paired['diff_ci95'][0]:+.1f}, "
+                             f"{100 * paired['diff_ci95'][1]:+.1f}]", f"{paired['mcnemar_p']:.3f}"])
+            if rows:
+                parts += [f"## {ref.model}: MMLU {shots}-shot, each row against {ref.engine} · {ref.weights_label}\n",
+                          results_io.markdown_table(["Engine · weights", "Same prediction", "Mean |Δ log-lik|",
+                                                     "Max |Δ log-lik|", "Δ accuracy, points [95% CI]", "McNemar p"],
+                                                    rows)]
+    return parts
 
 
 def settings_line(s: dict) -> str:
@@ -588,10 +679,15 @@ def main(argv=None) -> int:
         print(f"HumanEval {NOT_ALLOWED}; see README: Running model-written code.")
     for engine in {e for _, e, _ in rows}:
         engines.warm_imports(engine)  # so the first model's memory baseline excludes the libraries
+    device = models.pick_device(args.device)
     if not args.skip_speed:
-        device = models.pick_device(args.device)
         run.environment.setdefault("memory_bandwidth", roofline.measure_read_bandwidth(device))
         context["memory_bandwidth"] = run.environment["memory_bandwidth"]
+    context["meter"] = meter = energy.EnergyMeter.detect(device)
+    if meter.available:
+        meter.measure_idle(DEFAULT_IDLE_SECONDS)  # before the first model: the machine at rest
+    run.environment["energy"] = meter.describe()
+    print(meter.status_line())  # once per run: the counter and idle power, or why energy is not measured
 
     def save(entry: ModelResult | None = None) -> None:
         if entry is not None:
@@ -613,6 +709,8 @@ def main(argv=None) -> int:
         save(entry)
         if entry.ok:
             print_summary(entry)
+    for section in agreement_sections([e for e in run.models.values() if e.ok]):
+        print(section)
     print(f"\nresults: {json_path} and {json_path.with_suffix('.md')}")
     return 1 if failures else 0
 

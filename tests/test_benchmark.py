@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import benchmark
+import energy
 import engines
 import humaneval
 import models
@@ -386,3 +387,52 @@ def test_results_files_get_the_users_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert json_path.stat().st_mode & 0o777 == 0o644 and md_path.stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------------------------
+# Energy: per token with a counter, "not measured" and why without one
+# ---------------------------------------------------------------------------------------------
+
+def test_no_counter_no_number_and_the_run_says_why(tmp_path, tiny_models, capsys):
+    """This machine (like most VMs) has no RAPL powercap files: the run says so once, with the fix."""
+    meter = energy.EnergyMeter.detect("cpu")
+    if meter.available:
+        pytest.skip("this machine has a readable energy counter")
+    assert benchmark.main(tiny_run(tmp_path, [str(tiny_models["llama"])], "--skip-mmlu")) == 0
+    run = load_run(tmp_path)
+    [entry] = run.models.values()
+    assert run.environment["energy"]["available"] is False and entry.speed.decode.energy is None
+    assert run.environment["energy"]["reason"].startswith("not measured — ")
+    out = capsys.readouterr().out
+    assert out.count("energy: not measured — ") == 1
+    assert "Energy: not measured — " in only_json(tmp_path).with_suffix(".md").read_text()
+
+
+def test_energy_per_token_from_a_fake_rapl_counter(tmp_path, tiny_models, monkeypatch):
+    """A fake powercap tree whose package counter runs at a constant 20 W: every joule the run
+    reports is 20 W x the seconds of its window, and above idle is near zero (idle is 20 W too)."""
+    zone = tmp_path / "powercap" / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text(f"{2**40}\n")
+    (zone / "energy_uj").write_text("0\n")
+    real_read = energy.read_int
+    monkeypatch.setattr(energy, "read_int", lambda path: int(time.perf_counter() * 20e6) % 2**40
+                        if path.name == "energy_uj" else real_read(path))
+    detect = energy.EnergyMeter.detect.__func__
+    monkeypatch.setattr(energy.EnergyMeter, "detect", classmethod(
+        lambda cls, device="cpu", **kw: detect(cls, device, powercap_root=tmp_path / "powercap")))
+    monkeypatch.setattr(benchmark, "DEFAULT_IDLE_SECONDS", 0.3)
+    data = write_mmlu(tmp_path / "mmlu")
+    assert benchmark.main(tiny_run(tmp_path / "out", [str(tiny_models["llama"])], "--mmlu-data", str(data),
+                                   "--mmlu-subjects", "virology", "--mmlu-shots", "0")) == 0
+    run = load_run(tmp_path / "out")
+    [entry] = run.models.values()
+    assert run.environment["energy"]["idle_watts"]["cpu_package"] == pytest.approx(20.0, rel=0.05)
+    decode = entry.speed.decode.energy
+    assert decode["total_j"] == pytest.approx(20.0 * decode["seconds"], rel=0.05)
+    assert decode["per_unit"]["units"] == 2 * 4 and decode["per_unit"]["j_per_unit"] > 0
+    assert abs(decode["per_unit"]["above_idle_j_per_unit"]) < 0.2 * decode["per_unit"]["j_per_unit"]
+    assert entry.mmlu["0"].energy["per_unit"]["unit"] == "question" and entry.mmlu["0"].energy["per_unit"]["units"] == 3
+    md = only_json(tmp_path / "out").with_suffix(".md").read_text()
+    assert "## Energy" in md and "J/tok" in md and "J/question" in md
