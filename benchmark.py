@@ -673,6 +673,14 @@ def main(argv=None) -> int:
         return 0
     json_path, run = start_run(args, argv)
     rows = plan_rows(args)
+    missing = {} if args.synthetic else models.unavailable(list(dict.fromkeys(n for n, _, _ in rows)),
+                                                           args.revision, args.cache_dir)
+    if missing:
+        line = models.offline_message(missing)
+        if len(missing) == len({n for n, _, _ in rows}):
+            raise models.UserError(line + ".")
+        print(f"{line}; measuring the others.", file=sys.stderr)
+        rows = [r for r in rows if r[0] not in missing]
     context = {"mmlu_docs": None if args.skip_mmlu or args.synthetic else
                mmlu.load_docs(args.mmlu_subjects, args.mmlu_shots, args.mmlu_limit, args.mmlu_data)}
     if not args.skip_humaneval and not args.synthetic and not args.allow_code_execution:

@@ -966,6 +966,8 @@ def load_chats(args) -> list[Chat]:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the chat prints its own one-line load summary
     targets = []
+    models.require_available([split_engine(item, None)[0] for item in args.compare or [args.model]],
+                             args.revision, args.cache_dir)
     for item in args.compare or [args.model]:  # every name is checked before the first (slow) load
         name, engine = split_engine(item, args.engine)
         resolved = models.resolve(name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import os
 import re
@@ -621,6 +622,81 @@ def find_spec(name: str | None) -> ModelSpec | None:
         if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|iq\d)", stem):
             return spec
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Can the model be had? Local files, the Hugging Face cache, or a Hub that answers
+# ----------------------------------------------------------------------------------------------
+
+HUB_PROBE_TIMEOUT_S = 2.0  # a reachable Hub answers a TCP connect well within this
+DEFAULT_HUB = "https://huggingface.co"
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be used (HF_HUB_OFFLINE set, or no TCP connection to HF_ENDPOINT within
+    HUB_PROBE_TIMEOUT_S), or None when it answers. Asked once per process; never retried, so an
+    offline machine hears it in a second instead of huggingface_hub's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or DEFAULT_HUB)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"cannot reach {url.scheme}://{url.hostname}:{port} ({exc.strerror or exc})"
+    return None
+
+
+def in_local_cache(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """True when the Hugging Face cache holds `repo_id` (its config.json at that revision)."""
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision), str)
+
+
+def go_offline() -> None:
+    """Make huggingface_hub and transformers use the local cache only (no request, no retry)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:  # it read the variable at import time
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def unavailable(names: list[str], revision: str | None = None, cache_dir: str | None = None) -> dict[str, str]:
+    """{name: why} for every model that is neither local, nor cached, nor on a reachable Hub. When the
+    Hub cannot be reached, the process goes offline so that cached models load without retries.
+
+    Raises:
+        UnknownModelError: a name that is no model at all (checked before any network use).
+    """
+    from_hub = [n for n in names if resolve(n).source in ("registry", "hub")]
+    why = hub_unreachable() if from_hub else None  # local files need no Hub
+    if why is None:
+        return {}
+    go_offline()  # cached models then load at once, where from_pretrained would retry the Hub for a minute
+    return {n: why for n in from_hub if not in_local_cache(resolve(n).path, revision, cache_dir)}
+
+
+def require_available(names: list[str], revision: str | None = None, cache_dir: str | None = None) -> None:
+    """One line and no retries when a model cannot be had.
+
+    Raises:
+        UserError: naming every model that is not local, not cached, and behind an unreachable Hub.
+    """
+    missing = unavailable(names, revision, cache_dir)
+    if missing:
+        raise UserError(offline_message(missing) + ".")
+
+
+def offline_message(missing: dict[str, str]) -> str:
+    """One line for the models `unavailable` found: why, which, and the commands that fix it."""
+    labels = [resolve(n).label for n in missing]
+    return (f"cannot reach the Hugging Face Hub ({next(iter(missing.values()))}) and {', '.join(labels)} "
+            f"{'is' if len(labels) == 1 else 'are'} not in the local cache: connect to the internet, or download "
+            f"{'it' if len(labels) == 1 else 'them'} first (`python download_models.py --models {' '.join(labels)}`) "
+            "and run with HF_HUB_OFFLINE=1, or pass a local model directory or .gguf file")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -902,6 +902,8 @@ def load_setup(args) -> Setup:
         default_draft, target_name = default_pair(device, dtype)
         draft_name = draft_name or default_draft
     draft_name = draft_name or registry_draft_for(target_name)
+    models.require_available([n for n in (target_name, draft_name) if n and not n.startswith("self:")],
+                             args.revision, args.cache_dir)
     target = models.load_from_args(args, target_name)
     depth = target.model.config.get_text_config().num_hidden_layers
     self_layers = parse_self_draft(draft_name, depth)

@@ -142,9 +142,9 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path, extra):
     proc = _run(["--models", "tinyllama", *extra, "--output-dir", str(tmp_path / "out")], tmp_path,
                 HF_ENDPOINT="http://127.0.0.1:9")
     assert proc.returncode != 0
-    assert proc.stderr.strip() == ("error: cannot reach the Hugging Face Hub (no network, or the Hub is down): "
-                                   "nothing was downloaded. Connect and run again; models already in the cache "
-                                   "work offline with HF_HUB_OFFLINE=1.")
+    assert proc.stderr.strip() == ("error: cannot reach the Hugging Face Hub (cannot reach http://127.0.0.1:9 "
+                                   "(Connection refused)): nothing was downloaded. Connect and run again; models "
+                                   "already in the cache work offline with HF_HUB_OFFLINE=1.")
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
