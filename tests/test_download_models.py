@@ -19,6 +19,13 @@ from test_models import _hub_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
+@pytest.fixture(autouse=True)
+def hub_answers(monkeypatch):
+    """In-process tests fake the Hub's API: its reachability check passes as a real Hub's would.
+    (The tests that run the script in a subprocess point it at a closed port instead.)"""
+    monkeypatch.setattr(dm.models, "hub_unreachable", lambda: None)
+
+
 REPO_FILES = ["config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "chat_template.jinja", "README.md", ".gitattributes", "onnx/model.onnx", "original/consolidated.00.pth",
