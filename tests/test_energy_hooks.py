@@ -1,0 +1,65 @@
+"""The energy meter in the scripts: speculative decoding's methods get joules per token beside their
+speedup, from a fake RAPL counter; without a counter the report says why, once.
+(benchmark.py's hooks are tested in tests/test_benchmark.py; demo_chat's footer in tests/test_demo_chat.py.)"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import energy
+import speculative_demo as sd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def fake_rapl(tmp_path, monkeypatch):
+    """A powercap tree whose package counter runs at a constant 20 W."""
+    zone = tmp_path / "powercap" / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text(f"{2**40}\n")
+    (zone / "energy_uj").write_text("0\n")
+    real_read = energy.read_int
+    monkeypatch.setattr(energy, "read_int", lambda path: int(time.perf_counter() * 20e6) % 2**40
+                        if path.name == "energy_uj" else real_read(path))
+    detect = energy.EnergyMeter.detect.__func__
+    monkeypatch.setattr(energy.EnergyMeter, "detect", classmethod(
+        lambda cls, device="cpu", **kw: detect(cls, device, powercap_root=tmp_path / "powercap")))
+    monkeypatch.setattr(sd, "DEFAULT_IDLE_SECONDS", 0.2)
+
+
+def run_speculative(tiny_models, out):
+    target = str(tiny_models["llama"])
+    assert sd.main(["--target", target, "--draft", "self:1", "--prompt", "hello world", "--methods",
+                    "ours,lookup", "--max-new-tokens", "8", "--repetitions", "2", "--warmup", "0",
+                    "--output-dir", str(out)]) == 0
+    return json.loads(next(out.glob("speculative_demo-*.json")).read_text())
+
+
+def test_speculative_methods_get_joules_per_token_beside_their_speedup(tiny_models, tmp_path, fake_rapl):
+    data = run_speculative(tiny_models, tmp_path)
+    assert data["environment"]["energy"]["available"]
+    methods = data["prompts"]["custom"]["methods"]
+    for name, m in methods.items():
+        joules = m["energy"]
+        assert joules["total_j"] == pytest.approx(20.0 * joules["seconds"], rel=0.05), name
+        assert joules["per_unit"]["units"] == 2 * m["n_tokens"]
+    for name in ("ours", "lookup"):
+        m = methods[name]
+        base = methods["target alone (HF generate)"]["energy"]["per_unit"]["j_per_unit"]
+        assert m["energy_vs_hf"] == pytest.approx(m["energy"]["per_unit"]["j_per_unit"] / base)
+    md = next(tmp_path.glob("speculative_demo-*.md")).read_text()
+    assert "J/tok" in md and "Energy: RAPL" in md
+
+
+def test_speculative_without_a_counter_says_why(tiny_models, tmp_path):
+    if energy.EnergyMeter.detect("cpu").available:
+        pytest.skip("this machine has a readable energy counter")
+    data = run_speculative(tiny_models, tmp_path)
+    assert data["environment"]["energy"]["reason"].startswith("not measured — ")
+    assert all(m["energy"] is None for m in data["prompts"]["custom"]["methods"].values())
+    assert "Energy: not measured — " in next(tmp_path.glob("speculative_demo-*.md")).read_text()
