@@ -265,6 +265,27 @@ def fmt_quality(got, cite_run: bool = True) -> str:
     return f"{value:.1f}% [{low:.1f}, {high:.1f}]{shot}" + (f" ({m.run.rid})" if cite_run else "")
 
 
+def decode_tokens_per_joule(r: ModelRow) -> float | None:
+    energy = r.speed.value.decode.energy if r.speed else None
+    return energy["per_unit"]["units_per_j"] if energy else None
+
+
+def mmlu_points_per_kj(r: ModelRow) -> float | None:
+    """MMLU accuracy points per kilojoule per question (= points / kJ per 1,000 questions): the
+    quality a joule buys, comparable across runs of different sizes."""
+    got = measured_quality(r, "mmlu", 5)
+    energy = got[3].value.energy if got else None
+    return got[0] / (energy["per_unit"]["j_per_unit"]) if energy else None
+
+
+def fmt_per_watt(r: ModelRow) -> str:
+    tok_j, points = decode_tokens_per_joule(r), mmlu_points_per_kj(r)
+    if tok_j is None and points is None:
+        return "not measured"
+    return " · ".join(x for x in (f"{tok_j:.2f} tok/J" if tok_j else "", f"{points:.1f} MMLU pts/kJ per 1k q"
+                                  if points else "") if x)
+
+
 def fmt_roofline(r: ModelRow) -> str:
     roof = r.speed.value.roofline if r.speed else None
     if roof is None or roof.fraction is None:
@@ -408,6 +429,10 @@ def chart_sections(rows: list[ModelRow], img_dir: Path, page_dir: Path) -> list[
         ("memory", "Peak memory during generation above the pre-load baseline, GB (lower is better)", "GB",
          [(row_name(r, rows), r.memory.value.peak_bytes / 1e9, None) for r in speed], None, None),
     ]
+    per_watt = [(row_name(r, rows), decode_tokens_per_joule(r), None) for r in speed if decode_tokens_per_joule(r)]
+    if per_watt:
+        charts.append(("ai-per-watt", "AI per watt: decode tokens per joule, whole machine as the counters see it "
+                                      "(higher is better)", "tok/J", per_watt, None, None))
     for bench, title, chance in (("mmlu", "MMLU accuracy, % (measured with 95% CI; published: scored like ours, "
                                            "base checkpoints where that is all there is)", 100 * CHANCE),
                                  ("humaneval", "HumanEval pass@1, % (measured with 95% CI; published: completion "
@@ -444,7 +469,7 @@ def summary_table(rows: list[ModelRow]) -> str:
     """Compact enough for a laptop screen: figures without run ids, which go to the last column."""
     one_hw = len({r.hardware for r in rows}) == 1
     headers = (["Model", "Engine · weights", "Params"] + ([] if one_hw else ["Hardware"])
-               + ["Decode tok/s", "Prefill tok/s", "Roofline", "Peak GB", "MMLU measured", "MMLU published",
+               + ["Decode tok/s", "Prefill tok/s", "Roofline", "AI per watt", "Peak GB", "MMLU measured", "MMLU published",
                   "HumanEval measured", "HumanEval published", "Runs"])
     table = []
     for r in rows:
@@ -454,6 +479,7 @@ def summary_table(rows: list[ModelRow]) -> str:
                 if m]
         table.append([f"**{r.label}**{twin}", r.runs_on, f"{r.params / 1e9:.2f}B"] + ([] if one_hw else [r.hardware]) + [
             sp.value.decode.fmt() if sp else "n/a", sp.value.prefill.fmt() if sp else "n/a", fmt_roofline(r),
+            fmt_per_watt(r),
             results_io.gb(r.memory.value.peak_bytes) if r.memory else "n/a",
             fmt_quality(mm, cite_run=False), published_cell(r.spec, "mmlu"),
             fmt_quality(he, cite_run=False), published_cell(r.spec, "humaneval"), " · ".join(runs)])
@@ -741,6 +767,19 @@ def runs_section(runs: list[ReportRun], rows: list[ModelRow], page_dir: Path) ->
             + "\n"]
 
 
+def energy_note(runs: list[ReportRun], rows: list[ModelRow]) -> str:
+    """How the AI-per-watt column was measured, or why it is empty (each reason once)."""
+    reasons = sorted({(r.bench.environment.get("energy") or {}).get("reason") or "the run predates the energy meter"
+                      for r in runs if r.kind == "benchmark" and r.rid in used_runs(rows)
+                      and not (r.bench.environment.get("energy") or {}).get("available")})
+    measured = any(decode_tokens_per_joule(r) for r in rows)
+    text = ("AI per watt: decode tokens per joule from the hardware's energy counters over the decode trials, and "
+            "MMLU points per kJ per question (docs/energy.md)." if measured else
+            "AI per watt: no run on this page had a readable energy counter, so no energy figure is shown "
+            "(none is estimated).")
+    return text + ("" if not reasons else " Not measured in: " + "; ".join(reasons) + ".") + "\n"
+
+
 def render_comparison(runs: list[ReportRun], rows: list[ModelRow], chart_parts: list[str], page_dir: Path) -> str:
     newest = max(r.date for r in runs)[:10]
     synthetic = sorted({r.label for r in rows if r.speed and r.speed.entry.source == "synthetic"})
@@ -766,6 +805,7 @@ def render_comparison(runs: list[ReportRun], rows: list[ModelRow], chart_parts: 
                 "are micro averages with 95% intervals; published figures link their source. *Runs* names the "
                 "results file of each measured figure.\n",
               summary_table(rows),
+              energy_note(runs, rows),
               "## When to use each model\n",
               "\n".join(recommendation_lines(rows)) + "\n",
               "\n".join(model_use_line(r, rows) for r in rows) + "\n",

@@ -63,3 +63,21 @@ def test_speculative_without_a_counter_says_why(tiny_models, tmp_path):
     assert data["environment"]["energy"]["reason"].startswith("not measured — ")
     assert all(m["energy"] is None for m in data["prompts"]["custom"]["methods"].values())
     assert "Energy: not measured — " in next(tmp_path.glob("speculative_demo-*.md")).read_text()
+
+
+def test_comparison_page_shows_ai_per_watt_from_a_measured_run(tiny_models, tmp_path, fake_rapl, monkeypatch):
+    import benchmark
+    monkeypatch.setattr(benchmark, "DEFAULT_IDLE_SECONDS", 0.2)
+    out = tmp_path / "results"
+    assert benchmark.main(["--models", str(tiny_models["llama"]), "--device", "cpu", "--output-dir", str(out),
+                           "--repetitions", "2", "--prompt-tokens", "16", "--new-tokens", "4",
+                           "--category-max-new-tokens", "4", "--category-repetitions", "1",
+                           "--skip-mmlu", "--skip-humaneval"]) == 0
+    page = tmp_path / "docs" / "COMPARISON.md"
+    assert benchmark.main(["--report", "--output-dir", str(out), "--report-output", str(page)]) == 0
+    text = page.read_text()
+    run = json.loads(next(out.glob("benchmark-*.json")).read_text())
+    [entry] = run["models"].values()
+    tok_j = entry["speed"]["decode"]["energy"]["per_unit"]["units_per_j"]
+    assert f"{tok_j:.2f} tok/J" in text and "AI per watt: decode tokens per joule" in text
+    assert (page.parent / "img" / "comparison-ai-per-watt.png").read_bytes()[:4] == b"\x89PNG"
