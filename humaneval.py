@@ -68,19 +68,6 @@ def to_completion(text: str, mode: str) -> str:
     return extract_code(text) if mode == "chat" else truncate_at_stop(text)
 
 
-def sample_until(engine, ids: list[int], args, stops: list[str], generator: torch.Generator) -> list[int]:
-    """One sampled continuation (temperature, top-p) until EOS, a stop string or the length limit."""
-    out: list[int] = []
-    sampling = engines.Sampling(args.temperature, SAMPLING_TOP_P)
-    for step in engines.stream(engine, ids, args.humaneval_max_new_tokens, sampling, generator=generator):
-        if step.token in engine.eos_ids:
-            break
-        out.append(step.token)
-        if stops and any(s in engine.decode(out[-64:]) for s in stops):
-            break
-    return out
-
-
 def generate_completions(engine, problems: list[dict], mode: str, args, progress=None) -> list[list[str]]:
     """n completions per problem: greedy and batched across problems for n = 1, else sampled."""
     stops = STOPS if mode == "completion" else []
@@ -96,8 +83,10 @@ def generate_completions(engine, problems: list[dict], mode: str, args, progress
     generator = torch.Generator(device=engine.device).manual_seed(args.seed)
     completions = []
     for ids in prompts:
-        completions.append([to_completion(engine.decode(sample_until(engine, ids, args, stops, generator)), mode)
-                            for _ in range(args.humaneval_samples)])
+        sampling = engines.Sampling(args.temperature, SAMPLING_TOP_P)
+        completions.append([to_completion(engine.decode(engines.greedy_until(
+            engine, ids, args.humaneval_max_new_tokens, stops, sampling, generator)), mode)
+            for _ in range(args.humaneval_samples)])
         if progress is not None:
             progress.update(1)
     return completions

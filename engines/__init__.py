@@ -301,10 +301,12 @@ def stream(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampling:
         logits = engine.advance(token)
 
 
-def greedy_until(engine: Engine, prompt_ids: list[int], max_new_tokens: int, stops: list[str]) -> list[int]:
-    """Greedy tokens after `prompt_ids` until EOS (not kept), a stop string in the text, or the limit."""
+def greedy_until(engine: Engine, prompt_ids: list[int], max_new_tokens: int, stops: list[str],
+                 sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[int]:
+    """Tokens after `prompt_ids` (greedy unless `sampling` says otherwise) until EOS (not kept), a stop
+    string in the text, or the limit."""
     out: list[int] = []
-    for step in stream(engine, prompt_ids, max_new_tokens):
+    for step in stream(engine, prompt_ids, max_new_tokens, sampling, generator=generator):
         if step.token in engine.eos_ids:
             break
         out.append(step.token)

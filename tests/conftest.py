@@ -172,6 +172,27 @@ def tiny_gguf(tmp_path_factory, tiny_models) -> Path:
     return write_llama_gguf(tiny_models["llama"], tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.F32.gguf")
 
 
+@pytest.fixture
+def fake_rapl(tmp_path, monkeypatch) -> Path:
+    """A fake powercap tree whose package counter runs at a constant 20 W, and EnergyMeter.detect
+    pointed at it: the scripts' energy hooks measured end to end without hardware counters."""
+    import time
+
+    import energy
+    zone = tmp_path / "powercap" / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text(f"{2**40}\n")
+    (zone / "energy_uj").write_text("0\n")
+    real_read = energy.read_int
+    monkeypatch.setattr(energy, "read_int", lambda path: int(time.perf_counter() * 20e6) % 2**40
+                        if path.name == "energy_uj" else real_read(path))
+    detect = energy.EnergyMeter.detect.__func__
+    monkeypatch.setattr(energy.EnergyMeter, "detect", classmethod(
+        lambda cls, device="cpu", **kw: detect(cls, device, powercap_root=tmp_path / "powercap")))
+    return tmp_path / "powercap"
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

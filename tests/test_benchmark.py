@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -408,20 +407,9 @@ def test_no_counter_no_number_and_the_run_says_why(tmp_path, tiny_models, capsys
     assert "Energy: not measured — " in only_json(tmp_path).with_suffix(".md").read_text()
 
 
-def test_energy_per_token_from_a_fake_rapl_counter(tmp_path, tiny_models, monkeypatch):
+def test_energy_per_token_from_a_fake_rapl_counter(tmp_path, tiny_models, monkeypatch, fake_rapl):
     """A fake powercap tree whose package counter runs at a constant 20 W: every joule the run
     reports is 20 W x the seconds of its window, and above idle is near zero (idle is 20 W too)."""
-    zone = tmp_path / "powercap" / "intel-rapl:0"
-    zone.mkdir(parents=True)
-    (zone / "name").write_text("package-0\n")
-    (zone / "max_energy_range_uj").write_text(f"{2**40}\n")
-    (zone / "energy_uj").write_text("0\n")
-    real_read = energy.read_int
-    monkeypatch.setattr(energy, "read_int", lambda path: int(time.perf_counter() * 20e6) % 2**40
-                        if path.name == "energy_uj" else real_read(path))
-    detect = energy.EnergyMeter.detect.__func__
-    monkeypatch.setattr(energy.EnergyMeter, "detect", classmethod(
-        lambda cls, device="cpu", **kw: detect(cls, device, powercap_root=tmp_path / "powercap")))
     monkeypatch.setattr(benchmark, "DEFAULT_IDLE_SECONDS", 0.3)
     data = write_mmlu(tmp_path / "mmlu")
     assert benchmark.main(tiny_run(tmp_path / "out", [str(tiny_models["llama"])], "--mmlu-data", str(data),

@@ -5,7 +5,6 @@ speedup, from a fake RAPL counter; without a counter the report says why, once.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -15,20 +14,8 @@ import speculative_demo as sd
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def fake_rapl(tmp_path, monkeypatch):
-    """A powercap tree whose package counter runs at a constant 20 W."""
-    zone = tmp_path / "powercap" / "intel-rapl:0"
-    zone.mkdir(parents=True)
-    (zone / "name").write_text("package-0\n")
-    (zone / "max_energy_range_uj").write_text(f"{2**40}\n")
-    (zone / "energy_uj").write_text("0\n")
-    real_read = energy.read_int
-    monkeypatch.setattr(energy, "read_int", lambda path: int(time.perf_counter() * 20e6) % 2**40
-                        if path.name == "energy_uj" else real_read(path))
-    detect = energy.EnergyMeter.detect.__func__
-    monkeypatch.setattr(energy.EnergyMeter, "detect", classmethod(
-        lambda cls, device="cpu", **kw: detect(cls, device, powercap_root=tmp_path / "powercap")))
+@pytest.fixture(autouse=True)
+def short_idle(monkeypatch):
     monkeypatch.setattr(sd, "DEFAULT_IDLE_SECONDS", 0.2)
 
 
