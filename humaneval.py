@@ -84,7 +84,7 @@ def generate_completions(engine, problems: list[dict], mode: str, args, progress
     completions = []
     for ids in prompts:
         sampling = engines.Sampling(args.temperature, SAMPLING_TOP_P)
-        completions.append([to_completion(engine.decode(engines.greedy_until(
+        completions.append([to_completion(engine.decode(engines.generate_until(
             engine, ids, args.humaneval_max_new_tokens, stops, sampling, generator)), mode)
             for _ in range(args.humaneval_samples)])
         if progress is not None:

@@ -170,7 +170,7 @@ class Engine(ABC):
         """Greedy continuations of each prompt, each ending at EOS, a stop string or the length limit
         (the stop string's tokens may be included: callers cut the text at the stop). This default
         runs the prompts one at a time through `stream`; engines that can batch override it."""
-        return [greedy_until(self, ids, max_new_tokens, stops) for ids in prompts]
+        return [generate_until(self, ids, max_new_tokens, stops) for ids in prompts]
 
     def close(self) -> None:
         """Free the model's memory now rather than at garbage collection."""
@@ -301,7 +301,7 @@ def stream(engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampling:
         logits = engine.advance(token)
 
 
-def greedy_until(engine: Engine, prompt_ids: list[int], max_new_tokens: int, stops: list[str],
+def generate_until(engine: Engine, prompt_ids: list[int], max_new_tokens: int, stops: list[str],
                  sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[int]:
     """Tokens after `prompt_ids` (greedy unless `sampling` says otherwise) until EOS (not kept), a stop
     string in the text, or the limit."""

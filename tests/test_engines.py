@@ -176,13 +176,13 @@ def test_batched_generate_equals_one_at_a_time(engine):
     prompts = [engine.encode(t) for t in ("def add(a, b):", "the capital of france", "hello world and the river is")]
     batched = engine.generate(prompts, 10, ["\n\n"], batch_size=3)
     alone = [engine.generate([p], 10, ["\n\n"], batch_size=1)[0] for p in prompts]
-    assert batched == alone == [engines.greedy_until(engine, p, 10, ["\n\n"]) for p in prompts]
+    assert batched == alone == [engines.generate_until(engine, p, 10, ["\n\n"]) for p in prompts]
 
 
 def test_generate_stops_at_a_stop_string(pair):
     hf, cpp = pair
     ids = hf.encode(TEXT)
-    free = engines.greedy_until(hf, ids, 12, [])
+    free = engines.generate_until(hf, ids, 12, [])
     text = hf.decode(free)
     stop = next(text[i:i + 2] for i in range(1, len(text) - 1) if text[i:i + 2].isascii() and text[i:i + 2].isalpha())
     for e in pair:
@@ -229,7 +229,7 @@ def test_real_gguf_on_both_engines(smollm2_cpp, smollm2_loaded):
     # them to fp32: close, not equal
     assert np.corrcoef(a, b)[0, 1] > 0.99
     assert set(np.argsort(a)[-5:]) & set(np.argsort(b)[-5:])
-    reply = hf.decode(engines.greedy_until(hf, ids, 12, []))
+    reply = hf.decode(engines.generate_until(hf, ids, 12, []))
     assert "Paris" in reply
     letters = [smollm2_cpp.encode(f" {x}", False) for x in "ABCD"]
     assert all(len(t) == 1 for t in letters) and letters == [hf.encode(f" {x}", False) for x in "ABCD"]
