@@ -5,8 +5,9 @@
 
 One row per model, hardware, engine and weights format: the newest figure of each kind across the runs,
 each citing its run (R1, R2, …). Published scores from the registry stand beside ours with a verdict.
-Where a model was measured in several weights formats, "What each quant costs" compares each with the
-full-precision row question by question. The same results always give the same bytes (charts included).
+Where a model was measured in several weights formats or engines, "What each quant costs" compares each
+with the full-precision row (for one GGUF file on two engines: the de-quantized one) question by question.
+The same results always give the same bytes (charts included).
 """
 
 from __future__ import annotations
@@ -294,19 +295,23 @@ def fmt_roofline(r: ModelRow) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# What each quant costs: every weights format of a model against its full-precision row
+# What each quant costs: every weights format of a model against its reference row
 # ----------------------------------------------------------------------------------------------
 
 def reference_row(group: list[ModelRow]) -> ModelRow | None:
-    """The full-precision row of a model: unquantized dense weights in the widest dtype."""
+    """The row a model's other rows are measured against: unquantized dense weights in the widest
+    dtype. Where every row is quantized (one GGUF file on llama.cpp and transformers), the row that
+    computes in the widest dtype: transformers de-quantizes the file and runs full-precision arithmetic
+    on the same weights, so the table shows what llama.cpp's quantized kernels cost."""
     order = {"fp32": 0, "bf16": 1, "fp16": 1}
-    dense = [r for r in group if r.mmlu and not r.entry.is_quantized]
-    return min(dense, key=lambda r: (order.get(r.entry.dtype, 2), r.engine != "transformers"), default=None)
+    scored = [r for r in group if r.mmlu]
+    return min(scored, key=lambda r: (r.entry.is_quantized, order.get(r.entry.dtype, 2), r.engine != "transformers"),
+               default=None)
 
 
 def quant_cost_sections(rows: list[ModelRow]) -> list[str]:
     """One table per model measured in several weights formats with MMLU on the same questions:
-    speed, memory, disk, accuracy and the paired comparison with the full-precision row."""
+    speed, memory, disk, accuracy and the paired comparison with its reference row."""
     parts = []
     for label in sorted(several_formats(rows), key=lambda x: [r.label for r in rows].index(x)):
         group = [r for r in rows if r.label == label]

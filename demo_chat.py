@@ -176,29 +176,34 @@ def stream_generate(engine, prompt_ids: list[int], settings: GenerationSettings,
 
 @contextlib.contextmanager
 def held_warnings(notices: list[str]):
-    """Nothing but the reply is printed inside a streamed reply: warnings and library log lines raised
-    while it streams are collected into `notices`, to be shown after the footer."""
+    """Nothing but the reply is printed inside a streamed reply: warnings and transformers log lines
+    raised while it streams are collected into `notices`, to be shown after the footer (also when
+    Ctrl+C ends the reply). The library's logger is left as it was: its handlers, and propagation,
+    which transformers turns off so that a configured root logger does not print each line twice."""
+    from transformers.utils import logging as hf_logging
+
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             notices.append(record.getMessage())
-    handler = Collect(logging.WARNING)
-    library = logging.getLogger("transformers")
-    library.addHandler(handler)
-    saved, library.propagate = library.handlers[:], False
+    library = hf_logging.get_logger("transformers")  # configured by transformers first, so what is saved stays valid
+    saved, propagate = library.handlers[:], library.propagate
+    collect = Collect(logging.WARNING)
     for h in saved:
-        if h is not handler:
-            library.removeHandler(h)
+        library.removeHandler(h)
+    library.addHandler(collect)
+    library.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            yield
-        notices.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+            try:
+                yield
+            finally:
+                notices.extend(f"{w.category.__name__}: {w.message}" for w in caught)
     finally:
-        library.removeHandler(handler)
+        library.removeHandler(collect)
         for h in saved:
-            if h is not handler:
-                library.addHandler(h)
-        library.propagate = True
+            library.addHandler(h)
+        library.propagate = propagate
 
 
 # ----------------------------------------------------------------------------------------------
