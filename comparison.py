@@ -607,7 +607,7 @@ def model_section(r: ModelRow, rows: list[ModelRow]) -> list[str]:
                  f"{'chat-tuned' if spec.instruct else 'base model'}. {spec.strength}.\n")
     table = [["Engine", f"{e.engine}" + (f" ({e.engine_version})" if e.engine_version else ""), "what ran the model", rid],
              ["Parameters", f"{e.params:,}", "counted in the loaded model, tied embeddings once", rid],
-             ["Weights in memory", f"{results_io.gb(e.weight_bytes)} GB", f"as loaded, {r.weights}", rid],
+             ["Weights in memory", f"{results_io.gb(e.weight_bytes)} GB", f"as loaded, {e.weights_label}", rid],
              ["KV cache", f"{e.kv_cache_bytes_per_1k_tokens / 1e6:.1f} MB per 1k tokens",
               "2 × layers × KV heads × head dim × bytes per element", rid]]
     if e.load_seconds is not None:

@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import torch
 from tabulate import tabulate
 
+import energy
 import engines
 import models
 import results_io
@@ -221,6 +222,7 @@ class Reply:
     dropped_turns: int = 0  # oldest user/assistant pairs dropped to fit this reply in the context
     device_type: str = "cpu"  # says what the peak memory figure measures (see peak_memory_gb)
     notices: list[str] = field(default_factory=list)  # warnings raised while it streamed, shown after it
+    energy: dict | None = None  # energy.EnergyReading.summary per generated token, where a counter exists
 
     def stats(self) -> dict:
         if self.last is None:
@@ -229,6 +231,8 @@ class Reply:
         del stats["text"], stats["finish_reason"]
         if self.notices:
             stats["notices"] = self.notices
+        if self.energy:
+            stats["energy"] = self.energy
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
 
 
@@ -240,6 +244,7 @@ class Chat:
     engine: engines.Engine
     label: str
     system: str | None = None
+    meter: energy.EnergyMeter = field(default_factory=lambda: energy.EnergyMeter([], "no meter"))
     messages: list[dict] = field(default_factory=list)  # alternating user / assistant
     replies: list[Reply] = field(default_factory=list)  # every reply of the session, for /stats
 
@@ -313,7 +318,7 @@ def generate_reply(chat: Chat, user_text: str, settings: GenerationSettings, see
     text, last, finish, notices = "", None, "interrupted", []
     stream = stream_generate(chat.engine, fit.prompt_ids, budget, stops=chat.stops, generator=generator)
     try:
-        with held_warnings(notices):
+        with held_warnings(notices), chat.meter.window() as joules:  # the whole reply: prefill and decode
             for piece in stream:
                 text, last = text + piece.text, piece
                 on_chunk(piece)
@@ -322,7 +327,9 @@ def generate_reply(chat: Chat, user_text: str, settings: GenerationSettings, see
         pass
     finally:
         stream.close()
-    reply = Reply(chat.label, text, finish, last, fit.dropped_turns, chat.engine.device.type, notices)
+    reply = Reply(chat.label, text, finish, last, fit.dropped_turns, chat.engine.device.type, notices,
+                  joules.reading.summary(last.generation_tokens) if joules.reading and last and
+                  last.generation_tokens else None)
     record_reply(chat, reply)
     return reply
 
@@ -340,6 +347,8 @@ def format_footer(reply: Reply) -> str:
     memory = "peak RSS" if reply.device_type == "cpu" else "peak"
     parts = [f"{c.generation_tokens} tokens", f"{c.generation_tps:.1f} tok/s", f"TTFT {c.ttft_s * 1000:.0f} ms",
              f"{memory} {c.peak_memory_gb:.2f} GB"]
+    if reply.energy and reply.energy["total_j"] > 0:  # a window shorter than the counter's update shows nothing
+        parts.append(f"{reply.energy['per_unit']['j_per_unit']:.3g} J/tok")
     if reply.finish_reason == "length":
         parts.append("stopped at max_new_tokens")
     elif reply.finish_reason == "interrupted":
@@ -589,8 +598,11 @@ def estimate_model_bytes(name: str, engine: str, device: torch.device, dtype: to
     counted on the meta device from their config (nothing allocated). None when the config cannot be
     read offline."""
     resolved = models.resolve(name)
-    if engine == "llama.cpp":
-        return int(1.1 * models.disk_bytes(resolved))
+    if engine == "llama.cpp":  # the mapped file, plus an f16 KV cache of the context it allocates
+        spec = models.spec_of(resolved.gguf_file)
+        kv = (models.kv_cache_bytes_per_token(models.twin_config(spec), torch.float16) * min(4096, spec.context)
+              if spec else 0.1 * models.disk_bytes(resolved))
+        return int(models.disk_bytes(resolved) + kv)
     if resolved.spec is not None:
         return models.estimate_memory_bytes(resolved.spec, dtype, quantize, ESTIMATE_CONTEXT_TOKENS)
     if resolved.source == "hub":
@@ -657,8 +669,10 @@ def session_totals(chat: Chat) -> dict:
     measured = [r.last for r in chat.replies if r.last is not None]
     decode = [c.generation_tps for c in measured if c.generation_tokens > 1]
     ttft_ms = [c.ttft_s * 1000 for c in measured]
+    joules = [r.energy["per_unit"]["j_per_unit"] for r in chat.replies if r.energy]
     return {"model": chat.label, "replies": len(chat.replies),
             "tokens": sum(c.generation_tokens for c in measured),
+            "j_per_token": results_io.mean_std(joules) if joules else None,
             "decode_tps": results_io.mean_std(decode) if decode else None,
             "ttft_ms": results_io.mean_std(ttft_ms) if ttft_ms else None,
             "peak_memory_gb": round(max((c.peak_memory_gb for c in measured), default=0.0), 3),
@@ -670,12 +684,15 @@ def format_totals(totals: dict) -> list:
     def spread(pair, digits):
         return "n/a" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
     return [totals["model"], totals["replies"], totals["tokens"], spread(totals["decode_tps"], 1),
-            spread(totals["ttft_ms"], 0), f"{totals['peak_memory_gb']:.2f}", totals["dropped_turns"]]
+            spread(totals["ttft_ms"], 0), f"{totals['peak_memory_gb']:.2f}",
+            spread(totals.get("j_per_token"), 3) if totals.get("j_per_token") else "not measured",
+            totals["dropped_turns"]]
 
 
-TOTALS_HEADERS = ["Model", "Replies", "Tokens", "Decode tok/s", "TTFT ms", "Peak GB", "Dropped turns"]
+TOTALS_HEADERS = ["Model", "Replies", "Tokens", "Decode tok/s", "TTFT ms", "Peak GB", "J/tok", "Dropped turns"]
 TOTALS_NOTE = ("tok/s and TTFT: mean ± std over replies; decode tok/s counts tokens after the first; "
-               "peak GB: torch's peak allocation on CUDA, the whole process's peak RSS on CPU.")
+               "peak GB: torch's peak allocation on CUDA, the whole process's peak RSS on CPU; J/tok: the "
+               "energy counters over each whole reply (prompt and decode) per generated token.")
 
 
 def transcript_data(session: Session) -> dict:
@@ -702,6 +719,9 @@ def transcript_markdown(data: dict) -> str:
     s = data["settings"]
     lines += [f"Settings: temperature {s['temperature']}, top_p {s['top_p']}, max_new_tokens "
               f"{s['max_new_tokens']}, seed {s['seed']}, system prompt: {s['system']!r}.", ""]
+    meter = data["environment"].get("energy") or {}
+    lines += [f"Energy: {meter['counter']}, J/tok per reply in each footer." if meter.get("available")
+              else f"Energy: {meter.get('reason') or 'not measured'}.", ""]
     for r in data["rounds"]:
         lines += [f"## Round {r['index']}", "", f"**User:** {r['prompt']}", ""]
         for reply in r["replies"]:
@@ -994,6 +1014,10 @@ def load_chats(args) -> list[Chat]:
                    "'User: … Assistant:' template, may ramble, and each reply stops where it starts "
                    "a new 'User:' turn")
         chats.append(chat)
+    meter = energy.EnergyMeter.detect(chats[0].engine.device)
+    notice(meter.status_line())
+    for chat in chats:
+        chat.meter = meter
     labels = [c.label for c in chats]
     for chat in chats:  # the same model on two engines: name the engine
         if labels.count(chat.label) > 1:
@@ -1013,7 +1037,8 @@ def main(argv=None) -> int:
     interactive = not (args.prompt or args.prompts_file) and sys.stdin.isatty()
     chats = load_chats(args)
     settings = GenerationSettings(args.temperature, args.top_p, args.max_new_tokens)
-    session = Session(chats, settings, args, results_io.environment(chats[0].engine.device, args.seed))
+    session = Session(chats, settings, args, {**results_io.environment(chats[0].engine.device, args.seed),
+                                              "energy": chats[0].meter.describe()})
     if interactive:
         run_interactive(session)
     else:

@@ -68,3 +68,32 @@ def test_comparison_page_shows_ai_per_watt_from_a_measured_run(tiny_models, tmp_
     tok_j = entry["speed"]["decode"]["energy"]["per_unit"]["units_per_j"]
     assert f"{tok_j:.2f} tok/J" in text and "AI per watt: decode tokens per joule" in text
     assert (page.parent / "img" / "comparison-ai-per-watt.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chat_footer_shows_joules_per_token_and_the_transcript_keeps_them(tiny_models, tmp_path, fake_rapl,
+                                                                         capsys):
+    import demo_chat
+    assert demo_chat.main(["--model", str(tiny_models["llama"]), "--prompt", "hello", "--prompt", "and the river",
+                           "--max-new-tokens", "6", "--temperature", "0", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(next(tmp_path.glob("demo_chat-*.json")).read_text())
+    assert data["environment"]["energy"]["available"]
+    for rnd in data["rounds"]:
+        reply = rnd["replies"][0]
+        joules = reply["stats"]["energy"]
+        assert joules["total_j"] == pytest.approx(20.0 * joules["seconds"], rel=0.05)
+        assert joules["per_unit"]["units"] == reply["stats"]["generation_tokens"]
+        assert f" · {joules['per_unit']['j_per_unit']:.3g} J/tok" in reply["footer"] and reply["footer"] in out
+    assert data["totals"][0]["j_per_token"] is not None
+    assert "energy: RAPL" in out
+
+
+def test_chat_without_a_counter_says_why_once_and_no_footer_figure(tiny_models, tmp_path, capsys):
+    import demo_chat
+    if energy.EnergyMeter.detect("cpu").available:
+        pytest.skip("this machine has a readable energy counter")
+    assert demo_chat.main(["--model", str(tiny_models["llama"]), "--prompt", "hello", "--max-new-tokens", "4",
+                           "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("energy: not measured — ") == 1 and "J/tok" not in out.split("energy: not measured")[1]
+    assert "Energy: not measured — " in next(tmp_path.glob("demo_chat-*.md")).read_text()
