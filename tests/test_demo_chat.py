@@ -417,7 +417,7 @@ def test_memory_estimate_of_a_gguf_depends_on_the_engine(smollm2_gguf):
     on_llama_cpp = demo_chat.estimate_model_bytes(str(smollm2_gguf), "llama.cpp", cpu, torch.float32, "none")
     assert on_llama_cpp == smollm2_gguf.stat().st_size + 23_040 * 4096
     on_transformers = demo_chat.estimate_model_bytes(str(smollm2_gguf), "transformers", cpu, torch.float32, "none")
-    assert on_transformers > 4 * on_llama_cpp  # 135M parameters at 4 bytes each against ~4.5 bits
+    assert on_transformers > 3 * on_llama_cpp  # 135M parameters at 4 bytes each against ~5.7 bits and an f16 cache
 
 
 # ----------------------------------------------------------------------------------------------
