@@ -93,21 +93,6 @@ class GenerationChunk:
     finish_reason: str | None = None  # None while streaming, then "stop" or "length"
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA; driver memory on MPS; peak process RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**30
-    try:
-        import resource
-    except ImportError:  # Windows: no peak figure, the current RSS is the closest
-        import psutil
-        return psutil.Process().memory_info().rss / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest end of `text` that could still grow into a stop string."""
     longest = 0
@@ -149,7 +134,7 @@ def stream_generate(engine, prompt_ids: list[int], settings: GenerationSettings,
         decode_s = now - first
         return GenerationChunk(piece, len(prompt_ids), len(generated), len(prompt_ids) / max(ttft, 1e-9),
                                (sampled - 1) / decode_s if sampled > 1 and decode_s > 0 else 0.0,
-                               ttft, peak_memory_gb(device), finish)
+                               ttft, models.peak_memory_bytes(device) / 1e9, finish)
 
     sampling = engines.Sampling(settings.temperature, settings.top_p)
     for step in engines.stream(engine, prompt_ids, settings.max_new_tokens, sampling, generator=generator):
@@ -220,7 +205,7 @@ class Reply:
     finish_reason: str  # "stop", "length" or "interrupted"
     last: GenerationChunk | None = None  # None when interrupted before the first token
     dropped_turns: int = 0  # oldest user/assistant pairs dropped to fit this reply in the context
-    device_type: str = "cpu"  # says what the peak memory figure measures (see peak_memory_gb)
+    device_type: str = "cpu"  # says what the peak memory figure measures (models.peak_memory_bytes)
     notices: list[str] = field(default_factory=list)  # warnings raised while it streamed, shown after it
     energy: dict | None = None  # energy.EnergyReading.summary per generated token, where a counter exists
 

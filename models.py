@@ -1058,6 +1058,21 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """The process's peak so far: allocated GPU memory on CUDA (since the last reset), driver memory on
+    MPS, peak RSS on CPU (every loaded model together)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory()
+    try:
+        import resource
+    except ImportError:  # Windows: no peak figure, the current RSS is the closest
+        return process_rss()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024)
+
+
 class PeakMemory:
     """Peak memory during a `with` block. CPU: process RSS sampled every `interval` seconds in a
     background thread (minus `baseline_rss`, taken before the model was loaded); CUDA: max
