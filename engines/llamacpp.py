@@ -99,8 +99,11 @@ class LlamaCppEngine(Engine):
              n_ctx: int = DEFAULT_N_CTX) -> LlamaCppEngine:
         """Open the GGUF file; layers go to the GPU when asked for (or on 'auto') and this build can.
 
+        `dtype` does not apply: the file fixes the weight types (its quantization is recorded as the
+        row's dtype), so a run that sets --dtype for its transformers rows can still have llama.cpp rows.
+
         Raises:
-            UserError: --quantize or an explicit --dtype (the file fixes both), a GPU this build
+            UserError: --quantize (bitsandbytes; pick a quantized GGUF instead), a GPU this build
                 cannot use, a missing or corrupt file.
         """
         import llama_cpp
@@ -111,9 +114,6 @@ class LlamaCppEngine(Engine):
         if quantize != "none":
             raise models.UserError(f"--quantize {quantize} is bitsandbytes, for --engine transformers; with llama.cpp "
                                    "pick a quantized GGUF file instead (download_models.py --gguf Q4_K_M).")
-        if dtype not in (None, "auto"):
-            raise models.UserError(f"--dtype {dtype} does not apply to llama.cpp: a GGUF file fixes its weight "
-                                   "types; leave --dtype at auto for llama.cpp rows.")
         offload = llama_cpp.llama_supports_gpu_offload()
         if device in ("cuda", "mps") and not offload:
             raise models.UserError(f"--device {device}: this llama-cpp-python build has no GPU offload; reinstall "

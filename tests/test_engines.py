@@ -68,8 +68,7 @@ def test_engine_errors_are_one_line(tiny_models, tiny_gguf, tmp_path):
         engines.load(str(tiny_models["llama"]), engine="llama.cpp")
     with pytest.raises(models.UserError, match="bitsandbytes, for --engine transformers"):
         engines.load(str(tiny_gguf), engine="llama.cpp", quantize="int4")
-    with pytest.raises(models.UserError, match="does not apply to llama.cpp"):
-        engines.load(str(tiny_gguf), engine="llama.cpp", dtype="fp32")
+    assert engines.load(str(tiny_gguf), engine="llama.cpp", dtype="fp32").context()["dtype"] == "F32"  # the file's
     corrupt = tmp_path / "broken.Q4_0.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(models.UserError, match="llama.cpp cannot load .*complete GGUF file"):
