@@ -17,6 +17,7 @@ import functools
 import hashlib
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -889,7 +890,7 @@ def load_tokenizer(resolved: Resolved, *, revision: str | None = None, cache_dir
         UserError: translated hub/file errors (see `explain_error`).
     """
     from transformers import AutoTokenizer
-    with translated_errors(resolved.label):
+    with translated_errors(resolved.label, gguf=resolved.gguf_file):
         tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code,
                                             **_source_kwargs(resolved, revision, cache_dir))
     if tok.pad_token is None:
@@ -927,7 +928,7 @@ def load_model(resolved: Resolved, device: torch.device, dtype: torch.dtype, *, 
                   trust_remote_code=trust_remote_code, **_source_kwargs(resolved, revision, cache_dir))
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map={"": str(device)})
-    with translated_errors(resolved.label, device):
+    with translated_errors(resolved.label, device, gguf=resolved.gguf_file):
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
         if qconfig is None:
             model.to(device)
@@ -1187,10 +1188,12 @@ def explain_error(exc: BaseException, model: str = "the model", device: torch.de
 
 
 class translated_errors:
-    """Context manager turning recognised load/run failures into a UserError with one line."""
+    """Context manager turning recognised load/run failures into a UserError with one line. With
+    `gguf` set, the errors a malformed GGUF file raises in the reader (struct.error, ValueError, …)
+    are reported as a broken file."""
 
-    def __init__(self, model: str = "the model", device: torch.device | None = None):
-        self.model, self.device = model, device
+    def __init__(self, model: str = "the model", device: torch.device | None = None, gguf: str | None = None):
+        self.model, self.device, self.gguf = model, device, gguf
 
     def __enter__(self):
         return self
@@ -1198,6 +1201,10 @@ class translated_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, (UserError, KeyboardInterrupt)):
             return False
+        if self.gguf and isinstance(exc, (struct.error, ValueError, KeyError, IndexError, EOFError)):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"{self.gguf}: not a readable GGUF file ({first}): it is corrupt, truncated or of an "
+                            "unsupported version; download it again (download_models.py --gguf ... --verify).") from exc
         message = explain_error(exc, self.model, self.device)
         if message is None:
             return False

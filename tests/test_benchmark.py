@@ -424,3 +424,18 @@ def test_energy_per_token_from_a_fake_rapl_counter(tmp_path, tiny_models, monkey
     assert entry.mmlu["0"].energy["per_unit"]["unit"] == "question" and entry.mmlu["0"].energy["per_unit"]["units"] == 3
     md = only_json(tmp_path / "out").with_suffix(".md").read_text()
     assert "## Energy" in md and "J/tok" in md and "J/question" in md
+
+
+@pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
+def test_a_corrupt_gguf_is_one_line_on_either_engine(tmp_path, engine, capsys):
+    if engine == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    corrupt = tmp_path / "broken.Q4_0.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\0" * 64)
+    import demo_chat
+    with pytest.raises(SystemExit) as exit_info:
+        models.run_cli(demo_chat.main, ["--model", str(corrupt), "--engine", engine, "--prompt", "hi",
+                                        "--output-dir", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "broken.Q4_0.gguf" in err[0] and ("not a readable GGUF file" in err[0] or "cannot load" in err[0])
