@@ -205,11 +205,11 @@ def choose_defaults(params: int, instruct: bool, lora_targets=None) -> TrainingD
                      else "base model: it also learns the turn template and to stop, so one more epoch")
     memory_reason = ("1B+: activations recomputed to fit laptop memory" if checkpointing
                      else "under 1B: activations fit, recomputing would only cost time")
+    reason = (f"lr {rate_label(learning_rate)}: {size_reason}; {epochs:g} epoch{'s' * (epochs != 1)}: "
+              f"{tuning_reason}; checkpointing {'on' if checkpointing else 'off'}: {memory_reason}")
     return TrainingDefaults(params, instruct, DEFAULT_LORA_R, DEFAULT_LORA_ALPHA, learning_rate,
                             DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, epochs,
-                            list(lora_targets) if lora_targets else None, checkpointing,
-                            f"lr {rate_label(learning_rate)}: {size_reason}; {epochs:g} epoch{'s' * (epochs != 1)}: {tuning_reason}; "
-                            f"checkpointing {'on' if checkpointing else 'off'}: {memory_reason}")
+                            list(lora_targets) if lora_targets else None, checkpointing, reason)
 
 
 def defaults_for_spec(spec: models.ModelSpec) -> TrainingDefaults:
@@ -669,8 +669,10 @@ class WatchPoint:
     format_valid: int | None  # None unless the check is json-answer
     correct: int
     n: int
-    seconds: float  # greedy answering time at this point, s (0: taken from the before/after answers)
     source: str  # "before", "watch" (during training) or "after"
+    seconds: float = 0.0  # greedy answering time at this point, s (0: taken from the before/after answers)
+    elapsed_s: float = 0.0  # wall time from the start of training to this point, s (earlier watch points included)
+    training_s: float = 0.0  # the same without the earlier watch points' answering time, s
 
     @property
     def share(self) -> float:
@@ -697,12 +699,14 @@ class FormatWatch:
         self.every, self.max_new_tokens, self.target = args.watch_every, args.max_new_tokens, args.until_format
         self.points: list[WatchPoint] = []
         self.seconds = 0.0  # answering time inside trainer.train(), s: kept out of the training tokens/s
+        self.started = time.perf_counter()  # reset when training begins
         self.stopped_at: int | None = None
 
-    def record(self, step: int, answers: list[str], seconds: float, source: str) -> WatchPoint:
+    def record(self, step: int, answers: list[str], source: str, seconds: float = 0.0,
+               elapsed: float = 0.0) -> WatchPoint:
         score = score_answers(answers, [e.completion for e in self.examples], self.check)
-        point = WatchPoint(step, score.get("format_valid"), score.get("correct", 0), len(answers),
-                           round(seconds, 2), source)
+        point = WatchPoint(step, score.get("format_valid"), score.get("correct", 0), len(answers), source,
+                           round(seconds, 2), round(elapsed, 1), round(max(0.0, elapsed - self.seconds), 1))
         self.points.append(point)
         return point
 
@@ -713,11 +717,11 @@ class FormatWatch:
                                    self.max_new_tokens)
         self.model.train()
         seconds = time.perf_counter() - start
+        point = self.record(step, answers, "watch", seconds, start - self.started)
         self.seconds += seconds
-        point = self.record(step, answers, seconds, "watch")
         what = "in the format" if point.format_valid is not None else "correct"
-        print(f"step {step}: {round(point.share * point.n)}/{point.n} watched answers {what} ({seconds:.1f} s)",
-              flush=True)
+        print(f"step {step}, {point.elapsed_s:.0f} s into training: {round(point.share * point.n)}/{point.n} "
+              f"watched answers {what} (answered in {seconds:.1f} s)", flush=True)
         if self.target is not None and point.share >= self.target:
             self.stopped_at = step
             return True
@@ -725,10 +729,12 @@ class FormatWatch:
 
     def summary(self) -> dict:
         target = self.target if self.target is not None else DEFAULT_FORMAT_TARGET
-        reached = next((p.step for p in self.points if p.share >= target), None)
+        reached = next((p for p in self.points if p.share >= target), None)
         return {"every": self.every, "prompts": len(self.examples), "held_out_indices": self.indices,
                 "check": self.check, "until_format": self.target, "target": target,
-                "first_step_at_target": reached, "stopped_at": self.stopped_at,
+                "first_step_at_target": reached.step if reached else None,
+                "training_seconds_to_target": reached.training_s if reached else None,
+                "seconds_to_target": reached.elapsed_s if reached else None, "stopped_at": self.stopped_at,
                 "answering_seconds": round(self.seconds, 2), "curve": [asdict(p) for p in self.points]}
 
 
@@ -737,6 +743,9 @@ def watch_callback(watch: FormatWatch):
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            watch.started = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % watch.every == 0 and watch.measure(state.global_step):
                 control.should_training_stop = True
@@ -888,7 +897,8 @@ def training_markdown(result: dict) -> list[str]:
         ["training tokens/s (real tokens, no padding, watch time excluded)", training["tokens_per_second"]],
         ["peak memory", ", ".join(f"{k} {v}" for k, v in training["memory"].items())],
         ["whole run wall time", f"{result.get('total_wall_seconds')} s"],
-        ["load average at start (1/5/15 min)", " ".join(map(str, result.get("load_average") or ["n/a"]))],
+        ["load average at start / end (1, 5, 15 min)", " / ".join(" ".join(map(str, result.get(key) or ["n/a"]))
+                                                                  for key in ("load_average", "load_average_end"))],
         ["torch CPU threads", result.get("torch_threads")],
     ]), ""]
     watch = training.get("format_watch")
@@ -907,15 +917,17 @@ def watch_markdown(watch: dict) -> list[str]:
     reached = watch["first_step_at_target"]
     stop = (f"; training stopped there (--until-format {watch['until_format']:g})" if watch["stopped_at"] is not None
             else "")
-    head = (f"≥ {watch['target']:.0%} first reached at step {reached}{stop}" if reached is not None
-            else f"{watch['target']:.0%} not reached")
+    head = (f"≥ {watch['target']:.0%} first reached at step {reached}, {watch['seconds_to_target']:.0f} s into "
+            f"training ({watch['training_seconds_to_target']:.0f} s of it training, the rest answering){stop}"
+            if reached is not None else f"{watch['target']:.0%} not reached")
     points = watch["curve"]
     shares = [100 * (p["format_valid"] if p["format_valid"] is not None else p["correct"]) / p["n"] for p in points]
     return [f"## Held-out answers {what} while training", "",
             f"{watch['prompts']} held-out prompts (positions {watch['held_out_indices']}), answered greedily every "
             f"{watch['every']} optimizer steps with the current weights ({watch['answering_seconds']} s in all); "
             f"step 0 is the untrained model, the last point the final weights. {head}.", "", "```",
-            results_io.bar_chart([(f"step {p['step']}", v) for p, v in zip(points, shares)], unit="%").rstrip(),
+            results_io.bar_chart([(f"step {p['step']} ({p['elapsed_s']:.0f} s)", v) for p, v in zip(points, shares)],
+                                 unit="%").rstrip(),
             "```", ""]
 
 
@@ -968,6 +980,7 @@ class Run:
         if self.rank != 0:
             return
         self.result["total_wall_seconds"] = round(time.perf_counter() - self.start, 1)
+        self.result["load_average_end"] = results_io.load_average()  # other work on the machine meanwhile
         results_io.write_results(self.json_path, self.result, render_markdown(self.result))
 
 
@@ -1014,7 +1027,7 @@ def run_training(args) -> int:
     watch = None
     if args.watch_every and check != "none":
         watch = FormatWatch(model, tokenizer, held_out, check, args)
-        watch.record(0, [before[i] for i in watch.indices], 0.0, "before")
+        watch.record(0, [before[i] for i in watch.indices], "before")
         trainer.add_callback(watch_callback(watch))
     targets = model.peft_config["default"].target_modules
     targets = sorted(targets) if isinstance(targets, (set, list)) else targets
@@ -1030,7 +1043,8 @@ def run_training(args) -> int:
     if watch is not None:
         steps = run.result["training"]["steps"]
         if watch.points[-1].step != steps:  # the final weights, from the answers just given
-            watch.record(steps, [after[i] for i in watch.indices], 0.0, "after")
+            watch.record(steps, [after[i] for i in watch.indices], "after",
+                         elapsed=run.result["training"]["train_runtime_s"])
         run.result["training"]["format_watch"] = watch.summary()
     save_outputs(run, model, tokenizer, config, held_out, after, args)
     run.save()

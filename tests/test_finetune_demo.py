@@ -369,6 +369,10 @@ def test_the_watch_answers_a_fixed_subset_every_n_steps_and_its_time_is_kept_apa
     assert training["tokens_per_second"] == pytest.approx(
         training["tokens"] / (training["train_runtime_s"] - training["watch_seconds"]), rel=0.01)
     assert watch["stopped_at"] is None and watch["until_format"] is None
+    elapsed = [p["elapsed_s"] for p in curve]
+    assert elapsed == sorted(elapsed) and elapsed[0] == 0
+    assert elapsed[-1] == pytest.approx(training["train_runtime_s"], abs=0.1)
+    assert all(p["training_s"] <= p["elapsed_s"] for p in curve)
 
 
 def test_watch_positions_spread_over_the_held_out_split():
