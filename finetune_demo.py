@@ -681,8 +681,8 @@ class WatchPoint:
 
 
 def watch_indices(n_held_out: int, n: int = DEFAULT_WATCH_PROMPTS) -> list[int]:
-    """`n` held-out positions spread evenly over the split, so every category of the built-in data
-    (kept in file order) is in the watched subset."""
+    """`n` held-out positions spread evenly over the split, so the watched prompts mix the built-in
+    data's categories (spelling, arithmetic, passages, general knowledge, weekdays, ...)."""
     if n_held_out <= n:
         return list(range(n_held_out))
     return [i * n_held_out // n for i in range(n)]
