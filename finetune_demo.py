@@ -816,7 +816,9 @@ def resolved_config(args, loaded: models.Loaded, source: dict, targets, checkpoi
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, config: dict) -> None:
-    model.save_pretrained(adapter_dir)
+    # The vocabulary is never resized, so the base embeddings need no saving; "auto" would look the
+    # base model's path up on the Hugging Face Hub (and warn when it is a local GGUF directory).
+    model.save_pretrained(adapter_dir, save_embedding_layers=False)
     tokenizer.save_pretrained(adapter_dir)
     results_io.atomic_write_text(adapter_dir / CONFIG_NAME, results_io.to_json(config))
 

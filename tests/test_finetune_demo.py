@@ -424,7 +424,7 @@ def test_smollm2_does_not_answer_in_json_before_training(smollm2_loaded, builtin
     assert sum(finetune_demo.check_json_answer(a) for a in answers) == 0
 
 
-def test_default_training_teaches_smollm2_the_format(smollm2_gguf, tmp_path):
+def test_default_training_teaches_smollm2_the_format(smollm2_gguf, tmp_path, recwarn):
     """The README's command on the real SmolLM2 GGUF with every training default untouched, cut short
     for CI in two ways: 16 held-out prompts instead of 31, and --until-format 0.9 stops training once
     the 8 watched prompts answer in the format. The held-out format score must rise by 50+ points."""
@@ -442,6 +442,7 @@ def test_default_training_teaches_smollm2_the_format(smollm2_gguf, tmp_path):
     watch = result["training"]["format_watch"]
     assert watch["stopped_at"] == watch["first_step_at_target"] == result["training"]["steps"]
     assert result["training"]["steps"] < 43  # one epoch of 169 examples in batches of 4 is 43 steps
+    assert not [str(w.message) for w in recwarn if "config file" in str(w.message)]  # no Hub lookup on save
 
 
 def test_qlora_int4_trains_only_the_adapter_on_4bit_weights(tiny_models, builtin_examples, tmp_path):
