@@ -1000,6 +1000,26 @@ def answer_and_score(stage: str, run: Run, model, tokenizer, held_out: list[Exam
     return answers
 
 
+def start_watch(trainer, tokenizer, held_out: list[Example], check: str, args,
+                before: list[str]) -> FormatWatch | None:
+    """The held-out watch hooked into the trainer, its step-0 point taken from the untrained answers;
+    None when off (--watch-every 0, or nothing to check)."""
+    if not args.watch_every or check == "none":
+        return None
+    watch = FormatWatch(trainer.model, tokenizer, held_out, check, args)
+    watch.record(0, [before[i] for i in watch.indices], "before")
+    trainer.add_callback(watch_callback(watch))
+    return watch
+
+
+def finish_watch(watch: FormatWatch, training: dict, after: list[str]) -> None:
+    """The final weights' point (from the "after" answers just given) and the summary, into `training`."""
+    if watch.points[-1].step != training["steps"]:
+        watch.record(training["steps"], [after[i] for i in watch.indices], "after",
+                     elapsed=training["train_runtime_s"])
+    training["format_watch"] = watch.summary()
+
+
 def run_training(args) -> int:
     """Before eval -> LoRA training, watched -> after eval -> save adapter (and merged model)."""
     models.set_seed(args.seed)
@@ -1026,11 +1046,7 @@ def run_training(args) -> int:
     before = answer_and_score("before", run, loaded.model, tokenizer, held_out, args, check)
     trainer = make_trainer(args, loaded, train_ds, eval_ds, run.dir / "trainer")
     model = trainer.model
-    watch = None
-    if args.watch_every and check != "none":
-        watch = FormatWatch(model, tokenizer, held_out, check, args)
-        watch.record(0, [before[i] for i in watch.indices], "before")
-        trainer.add_callback(watch_callback(watch))
+    watch = start_watch(trainer, tokenizer, held_out, check, args, before)
     targets = model.peft_config["default"].target_modules
     targets = sorted(targets) if isinstance(targets, (set, list)) else targets
     config = resolved_config(args, loaded, source, targets, trainer.args.gradient_checkpointing, defaults, taken)
@@ -1043,11 +1059,7 @@ def run_training(args) -> int:
     run.result["after"] = evaluate_held_out(trainer, eval_ds)
     after = answer_and_score("after", run, model, tokenizer, held_out, args, check)
     if watch is not None:
-        steps = run.result["training"]["steps"]
-        if watch.points[-1].step != steps:  # the final weights, from the answers just given
-            watch.record(steps, [after[i] for i in watch.indices], "after",
-                         elapsed=run.result["training"]["train_runtime_s"])
-        run.result["training"]["format_watch"] = watch.summary()
+        finish_watch(watch, run.result["training"], after)
     save_outputs(run, model, tokenizer, config, held_out, after, args)
     run.save()
     print_side_by_side(run.result["answers"])
