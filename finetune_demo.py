@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import energy
 import models
 import results_io
 
@@ -60,6 +61,7 @@ DEFAULT_EVAL_FRACTION = 0.15
 DEFAULT_MAX_NEW_TOKENS = 48
 DEFAULT_GEN_BATCH_SIZE = 8
 DEFAULT_LOGGING_STEPS = 1
+DEFAULT_IDLE_SECONDS = 3.0  # idle power before training, where an energy counter exists
 DEFAULT_WATCH_EVERY = 5  # optimizer steps between answers to the watched held-out prompts
 DEFAULT_WATCH_PROMPTS = 8  # held-out prompts answered at each watch point, spread over the split
 DEFAULT_FORMAT_TARGET = 0.9  # share of watched answers in the format: "the behaviour has appeared"
@@ -773,14 +775,16 @@ def loss_curve(log_history: list[dict]) -> list[dict]:
             for e in log_history if "loss" in e and "step" in e]
 
 
-def train(trainer, device, watch: FormatWatch | None = None) -> dict:
-    """Run training; wall time, real (non-pad) tokens/s, steps, peak memory and the loss curve.
+def train(trainer, device, watch: FormatWatch | None = None, meter: energy.EnergyMeter | None = None) -> dict:
+    """Run training; wall time, real (non-pad) tokens/s, steps, peak memory, the loss curve, and the
+    energy of the run per 1k trained tokens where a counter exists.
 
     Tokens/s divides by the training time without the watch's answering time: what the watch costs
-    is reported on its own (`watch_seconds`) and the wall time still includes it."""
+    is reported on its own (`watch_seconds`) and the wall time still includes it (so does the energy)."""
+    meter = meter or energy.EnergyMeter([], "no meter given")
     models.synchronize(device)
     start = time.perf_counter()
-    with models.PeakMemory(device, interval=0.05) as memory:
+    with models.PeakMemory(device, interval=0.05) as memory, meter.window() as joules:
         output = trainer.train()
     models.synchronize(device)
     wall = time.perf_counter() - start
@@ -794,6 +798,7 @@ def train(trainer, device, watch: FormatWatch | None = None) -> dict:
             "tokens": tokens, "tokens_per_second": round(tokens / train_seconds, 1),
             "final_train_loss": curve[-1]["loss"] if curve else None,
             "optimizer_state_dtype": optimizer_state_dtype(trainer),
+            "energy": joules.reading.summary(tokens / 1000, "1k trained tokens") if joules.reading and tokens else None,
             "memory": memory_summary(memory), "loss_curve": curve}
 
 
@@ -877,6 +882,16 @@ def score_rows(before: dict, after: dict) -> list[list]:
     return rows
 
 
+def energy_cell(joules: dict | None, meter: dict) -> str:
+    """'2,310 J = 4.2 J per 1k trained tokens (1.1 above idle), 25 W', or why it was not measured."""
+    if not joules:
+        return meter.get("reason") or "not measured"
+    per = joules["per_unit"]
+    above = f" ({per['above_idle_j_per_unit']:.3g} above idle)" if per["above_idle_j_per_unit"] is not None else ""
+    return (f"{joules['total_j']:,.0f} J = {per['j_per_unit']:.3g} J per 1k trained tokens{above}, "
+            f"{joules['avg_watts']:.1f} W ({joules['counter']})")
+
+
 def training_markdown(result: dict) -> list[str]:
     """Settings and why, dtypes, time and memory; the format-vs-step curve; the loss curve."""
     training, lora, config = result["training"], result["lora"], result["config"]
@@ -898,6 +913,8 @@ def training_markdown(result: dict) -> list[str]:
                                "the watched prompts"],
         ["training tokens/s (real tokens, no padding, watch time excluded)", training["tokens_per_second"]],
         ["peak memory", ", ".join(f"{k} {v}" for k, v in training["memory"].items())],
+        ["energy of the training run", energy_cell(training.get("energy"),
+                                                   (result.get("environment") or {}).get("energy") or {})],
         ["whole run wall time", f"{result.get('total_wall_seconds')} s"],
         ["load average at start / end (1, 5, 15 min)", " / ".join(" ".join(map(str, result.get(key) or ["n/a"]))
                                                                   for key in ("load_average", "load_average_end"))],
@@ -1031,14 +1048,19 @@ def run_training(args) -> int:
     if args.until_format is not None and check != "json-answer":
         raise models.UserError(f"--until-format scores the taught JSON format, but this run checks {check}: "
                                "add --check json-answer (answers in the JSON format) or drop --until-format")
+    models.require_available([args.model], args.revision, args.cache_dir)
     loaded = load_base_model(args, args.model)
     defaults = defaults_for_loaded(loaded, args.model)
     taken = apply_defaults(args, defaults)
+    meter = energy.EnergyMeter.detect(loaded.device)
+    if meter.available:
+        meter.measure_idle(DEFAULT_IDLE_SECONDS)
+    print(meter.status_line(), flush=True)
     tokenizer = loaded.tokenizer
     train_ds = build_dataset(tokenizer, train_examples, args.max_length)
     eval_ds = build_dataset(tokenizer, held_out, args.max_length)
-    run.result.update(environment=results_io.environment(loaded.device, args.seed), model=loaded.context(),
-                      answers=answer_table(held_out))
+    run.result.update(environment={**results_io.environment(loaded.device, args.seed), "energy": meter.describe()},
+                      model=loaded.context(), answers=answer_table(held_out))
     print(f"{loaded.label}: {len(train_ds)} training / {len(held_out)} held-out examples on {loaded.device} "
           f"({models.dtype_name(loaded.dtype)}), load avg {run.result['load_average']}\n"
           f"defaults: {defaults_line(loaded.label, defaults)}", flush=True)
@@ -1055,7 +1077,7 @@ def run_training(args) -> int:
     run.result["before"].update(evaluate_held_out(trainer, eval_ds))
     run.save()
 
-    run.result["training"] = train(trainer, loaded.device, watch)
+    run.result["training"] = train(trainer, loaded.device, watch, meter)
     run.result["after"] = evaluate_held_out(trainer, eval_ds)
     after = answer_and_score("after", run, model, tokenizer, held_out, args, check)
     if watch is not None:
@@ -1108,6 +1130,7 @@ def run_reload(args) -> int:
     _, held_out = split_examples(examples, recorded["eval_fraction"], recorded["seed"])
     held_out = held_out[:args.eval_limit]
     check = resolve_check(args.check if args.check != "auto" else recorded["check"], args.dataset)
+    models.require_available([args.model], args.revision, args.cache_dir)
     loaded = load_base_model(args, args.model)
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
     run.result.update(environment=results_io.environment(loaded.device, args.seed), model=loaded.context(),

@@ -1,9 +1,9 @@
 """Training tokens/s: finetune_demo's padding-free batches vs TRL's default padded setup.
 
-    python tests/bench_finetune_throughput.py --model smollm2-135m
-    python tests/bench_finetune_throughput.py --model /tmp/smollm2-135m --max-steps 4 --trials 2
-    python tests/bench_finetune_throughput.py --model smollm2-135m --mmlu-dir ../shared/data/mmlu
-    python tests/bench_finetune_throughput.py --model tinyllama --device cuda --setups ours trl-default
+    python -m tests.bench_finetune_throughput --model smollm2-135m
+    python -m tests.bench_finetune_throughput --model /tmp/smollm2-135m --max-steps 4 --trials 2
+    python -m tests.bench_finetune_throughput --model smollm2-135m --mmlu-dir ../shared/data/mmlu
+    python -m tests.bench_finetune_throughput --model tinyllama --device cuda --setups ours trl-default
 
 Not a test (pytest does not collect it): it prints figures and writes results/bench_finetune-*.json/.md.
 Every setup trains the same model from the same LoRA initialisation on the same examples in the same
@@ -29,15 +29,12 @@ import argparse
 import csv
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts are top-level modules
-
-import finetune_demo  # noqa: E402
-import models  # noqa: E402
+import finetune_demo
+import models
 import results_io  # noqa: E402
 
 DEFAULT_MAX_STEPS = 4

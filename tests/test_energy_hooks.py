@@ -97,3 +97,18 @@ def test_chat_without_a_counter_says_why_once_and_no_footer_figure(tiny_models, 
     out = capsys.readouterr().out
     assert out.count("energy: not measured — ") == 1 and "J/tok" not in out.split("energy: not measured")[1]
     assert "Energy: not measured — " in next(tmp_path.glob("demo_chat-*.md")).read_text()
+
+
+def test_finetune_reports_joules_per_1k_trained_tokens(tiny_models, tmp_path, fake_rapl, monkeypatch):
+    import finetune_demo
+    monkeypatch.setattr(finetune_demo, "DEFAULT_IDLE_SECONDS", 0.2)
+    assert finetune_demo.main(["--model", str(tiny_models["llama"]), "--max-steps", "2", "--watch-every", "0",
+                               "--eval-limit", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path),
+                               "--device", "cpu", "--dtype", "fp32"]) == 0
+    [result] = tmp_path.glob("finetune-*/finetune_demo.json")
+    data = json.loads(result.read_text())
+    joules, tokens = data["training"]["energy"], data["training"]["tokens"]
+    assert data["environment"]["energy"]["available"]
+    assert joules["total_j"] == pytest.approx(20.0 * joules["seconds"], rel=0.05)
+    assert joules["per_unit"]["unit"] == "1k trained tokens" and joules["per_unit"]["units"] == pytest.approx(tokens / 1000)
+    assert "J per 1k trained tokens" in result.with_suffix(".md").read_text()

@@ -78,3 +78,8 @@ def test_local_models_still_run_when_some_cannot_be_had(tmp_path, tiny_models):
     assert "tinyllama is not in the local cache" in proc.stderr and "measuring the others" in proc.stderr
     assert "Retrying" not in proc.stderr + proc.stdout
     assert list((tmp_path / "out").glob("benchmark-*.json"))
+
+
+def test_finetune_fails_fast_offline_with_one_line(tmp_path):
+    line = assert_one_offline_line(*run_offline("finetune_demo", ["--max-steps", "1"], tmp_path))
+    assert "smollm2-135m" in line
