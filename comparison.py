@@ -24,6 +24,9 @@ from mmlu import ALL_SUBJECTS, CHANCE
 from records import BenchmarkRun, HumanEvalResult, MMLUResult, ModelResult
 
 DEFAULT_REPORT_PATH = "docs/COMPARISON.md"
+# The page quotes fine-tuning runs of the README's own command only (one per CPU dtype), so what it shows
+# is what a reader who runs that command gets.
+README_FINETUNE_COMMAND = "finetune_demo.py --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 ONE_B_CLASS = (0.9e9, 2.0e9)  # published parameter counts that compete in the recommendations
 # Known differences between a published figure and our measurement, each worth this many percentage
 # points on top of our 95% CI before a gap is flagged. Why these sizes: docs/design.md, "Published scores".
@@ -115,11 +118,16 @@ def find_report_runs(files: list[str], results_dir: Path) -> list[ReportRun]:
             raise models.UserError(f"--report {path}: not a benchmark.py results file.")
         found.append(("benchmark", path, data))
     tunes = [(p, read_results_file(p)) for p in sorted(results_dir.glob("finetune*/finetune_demo.json"))]
-    for has in ("training", "reproduced"):  # the newest training run and the newest reload check
-        newest = max((t for t in tunes if has in t[1]), key=lambda t: (t[1]["environment"]["date"], str(t[0])),
-                     default=None)
-        if newest:
-            found.append(("finetune", *newest))
+    readme_runs: dict[str, tuple[Path, dict]] = {}  # dtype -> the newest training run of the README's command
+    for path, data in tunes:
+        if "training" in data and data["environment"]["command"] == README_FINETUNE_COMMAND:
+            dtype = data["model"]["dtype"]
+            if dtype not in readme_runs or data["environment"]["date"] > readme_runs[dtype][1]["environment"]["date"]:
+                readme_runs[dtype] = (path, data)
+    found += [("finetune", path, data) for path, data in readme_runs.values()]
+    reloads = [t for t in tunes if "reproduced" in t[1]]
+    if reloads:  # the newest reload check of a saved adapter
+        found.append(("finetune", *max(reloads, key=lambda t: (t[1]["environment"]["date"], str(t[0])))))
     newest_spec: dict[tuple, tuple[Path, dict]] = {}  # the newest run of each configuration
     for path in sorted(results_dir.glob("speculative_demo-*.json")):
         data = read_results_file(path)
@@ -649,33 +657,48 @@ def model_section(r: ModelRow, rows: list[ModelRow]) -> list[str]:
 
 
 def finetune_section(runs: list[ReportRun]) -> list[str]:
-    train = next((r for r in runs if r.kind == "finetune" and "training" in r.data), None)
+    """The README's fine-tuning command as it ran here, one column per dtype, and the reload check."""
+    trained = [r for r in runs if r.kind == "finetune" and "training" in r.data]
     reload = next((r for r in runs if r.kind == "finetune" and "reproduced" in r.data), None)
-    if train is None:
-        return ["## Fine-tuning\n", "No finetune_demo.py results found.\n"]
-    d = train.data
-    b, a, t = d["before"], d["after"], d["training"]
+    if not trained:
+        return ["## Fine-tuning\n", f"No run of the README's command (`{README_FINETUNE_COMMAND}`) found.\n"]
 
     def pct(block, key):
         low, high = block[f"{key}_ci95"]
         return f"{block[key]}/{block['n']} = {block[f'{key}_pct']:.1f}% [{low:.1f}, {high:.1f}]"
-    rows = [["Model", f"{d['model']['model']} ({d['model']['dtype']}, {d['model']['device_name']})"],
-            ["Data", f"{d['dataset']['train_examples']} train / {d['dataset']['held_out_examples']} held out "
-                     f"(sha256 {d['dataset']['sha256'][:12]}…)"],
-            ["LoRA", f"r={d['config']['arguments']['lora_r']}, targets {', '.join(d['config']['lora_targets'])}; "
-                     f"{d['lora']['trainable']:,} trainable ({d['lora']['trainable_pct']:.2f}%)"],
-            ["Training", f"{t['steps']} steps, {t['tokens']:,} tokens in {t['wall_seconds']:.0f} s = "
-                         f"{t['tokens_per_second']:.1f} tok/s; final train loss {t['final_train_loss']:.3f}"],
-            [f"Held-out check ({b['check']}): valid output", f"{pct(b, 'format_valid')} → {pct(a, 'format_valid')}"],
-            ["Held-out: correct answer", f"{pct(b, 'correct')} → {pct(a, 'correct')}"],
-            ["Held-out loss", f"{b['loss']:.3f} → {a['loss']:.3f}"]]
+
+    def watch(d):
+        w = d["training"].get("format_watch") or {}
+        if w.get("first_step_at_target") is None:
+            return "not reached" if w else "not watched"
+        return (f"step {w['first_step_at_target']} of {d['training']['steps']} "
+                f"({w['training_seconds_to_target']:.0f} s of training)")
+
+    def column(r: ReportRun) -> list[str]:
+        d = r.data
+        b, a, t, prec = d["before"], d["after"], d["training"], d.get("precision", {})
+        return [f"{d['model']['dtype']} on {d['model']['device_name']} ({r.rid})",
+                f"lr {d['config']['arguments']['learning_rate']:g}, r {d['config']['arguments']['lora_r']}, "
+                f"batch {d['config']['arguments']['batch_size']} × {d['config']['arguments']['grad_accum']}, "
+                f"{d['config']['arguments']['epochs']:g} epoch(s); {d['lora']['trainable']:,} trainable",
+                f"{t['steps']} steps, {t['tokens']:,} tokens, {t['wall_seconds']:.0f} s "
+                f"({t['tokens_per_second']:.1f} tok/s without the watch)",
+                f"{prec.get('base_dtype', '?')} / {prec.get('adapter_dtype', '?')} / {t.get('optimizer_state_dtype', '?')}",
+                f"{pct(b, 'format_valid')} → {pct(a, 'format_valid')}", watch(d),
+                f"{pct(b, 'correct')} → {pct(a, 'correct')}", f"{b['loss']:.3f} → {a['loss']:.3f}"]
+    labels = ["Run", "Defaults chosen for the model", "Training", "Base / LoRA / optimizer dtype",
+              f"Held-out answers in the taught format ({trained[0].data['before']['check']})",
+              "Watched answers ≥ 90% in the format from", "Held-out: correct answer", "Held-out loss"]
+    columns = [column(r) for r in trained]
+    rows = [[label] + [c[i] for c in columns] for i, label in enumerate(labels)]
     if reload:
         rep = reload.data["reproduced"]
         rows.append(["Adapter reloaded in a new process", f"{rep['identical']}/{rep['n']} answers identical "
-                                                         f"({reload.rid})"])
-    return ["## Fine-tuning (newest finetune_demo.py run)\n",
-            f"From {train.rid}. Percentages are of held-out prompts with 95% Wilson intervals.\n",
-            results_io.markdown_table(["", "Before → after LoRA"], rows)]
+                                                          f"({reload.rid})"] + [""] * (len(columns) - 1))
+    return ["## Fine-tuning: the README's command\n",
+            f"`python {README_FINETUNE_COMMAND}`, as run here under each CPU dtype (BILLION_LLM_CPU_BF16=1 and 0). "
+            "Percentages are of held-out prompts with 95% Wilson intervals.\n",
+            results_io.markdown_table(["", *("Before → after LoRA" for _ in columns)], rows)]
 
 
 def fmt_trials(trials: list[float]) -> str:
