@@ -620,7 +620,7 @@ def find_spec(name: str | None) -> ModelSpec | None:
         return REGISTRY[stem]
     for spec in _ENTRIES:  # "<hub name>.Q4_1", "<hub name>-q4_k_m": a quantisation suffix after the name
         base = spec.hf_id.split("/")[-1].lower()
-        if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|iq\d)", stem):
+        if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|fp16|fp32|iq\d)", stem):
             return spec
     return None
 

@@ -132,8 +132,9 @@ def agreement_sections(ok: list[ModelResult]) -> list[str]:
     often they agree, question by question, and how far their log-likelihoods are apart."""
     parts = []
     by_model: dict[str, list[ModelResult]] = {}
-    for e in ok:
-        by_model.setdefault(models.canonical_name(e.name), []).append(e)
+    for e in ok:  # one registry model in several files (fp32, F16, Q8_0 …) is one group too
+        spec = models.spec_of(e.name)
+        by_model.setdefault(spec.key if spec else models.canonical_name(e.name), []).append(e)
     for group in (g for g in by_model.values() if len(g) > 1):
         ref = group[0]
         for shots in (ref.mmlu if isinstance(ref.mmlu, dict) else {}):
