@@ -265,7 +265,8 @@ def add_engine_args(parser, multi: bool = False) -> None:
                             help="transformers or llama.cpp (default: llama.cpp for .gguf files when "
                                  "llama-cpp-python is installed, else transformers)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for llama.cpp (default: every core; transformers uses torch's setting)")
+                        help="CPU threads for either engine, so both can be compared on the same count (default: "
+                             "every core for llama.cpp, torch's own setting for transformers)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class TransformersEngine(Engine):
     @classmethod
     def load(cls, resolved: models.Resolved, *, device: str, dtype: str, quantize: str, revision: str | None,
              cache_dir: str | None, trust_remote_code: bool, threads: int | None) -> TransformersEngine:
+        if threads:  # torch's intra-op threads: process-wide, as llama.cpp's n_threads is per context
+            torch.set_num_threads(threads)
         return cls(models.load(resolved, device=device, dtype=dtype, quantize=quantize, revision=revision,
                                cache_dir=cache_dir, trust_remote_code=trust_remote_code))
 
