@@ -231,7 +231,7 @@ def load(name: str | models.Resolved, *, engine: str | None = None, device: str 
     Args:
         name: anything models.resolve accepts (registry key, hub id, local dir, .gguf file).
         engine: "transformers", "llama.cpp" or None.
-        threads: CPU threads for llama.cpp (default: every core), ignored by transformers.
+        threads: CPU threads (llama.cpp: default every core; transformers: sets torch.set_num_threads).
     Returns:
         A loaded Engine.
     Raises:
