@@ -10,7 +10,6 @@ The real SmolLM2-135M-Instruct checks that self-speculation and lookup are lossl
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
