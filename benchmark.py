@@ -39,7 +39,7 @@ import results_io
 import roofline
 import sandbox
 from energy import EnergyReading
-from records import BenchmarkRun, Measure, Memory, ModelResult, Speed
+from records import BenchmarkRun, HumanEvalResult, Measure, Memory, ModelResult, Speed
 from run_report import NOT_ALLOWED, agreement_sections, print_summary, render_markdown
 
 DEFAULT_REPETITIONS = 5
@@ -255,18 +255,47 @@ class Phases:
         self.save()
 
 
-def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dict, save) -> ModelResult:
-    """Load, then speed/memory, MMLU and HumanEval, each saved as soon as it finishes."""
+def missing_phases(entry: ModelResult, args) -> list[str]:
+    """The phases this run's settings ask for that `entry` does not hold yet (all of them for a new row)."""
+    missing = []
+    if not args.skip_speed and entry.speed is None:
+        missing.append("speed")
+    if not args.skip_mmlu and not args.synthetic:
+        have = entry.mmlu if isinstance(entry.mmlu, dict) else {}
+        missing += [f"MMLU {s}-shot" for s in args.mmlu_shots if str(s) not in have]
+    if not args.skip_humaneval and args.allow_code_execution and not args.synthetic \
+            and not isinstance(entry.humaneval, HumanEvalResult):
+        missing.append("HumanEval")
+    return missing
+
+
+def keep_finished(entry: ModelResult, kept: ModelResult | None) -> None:
+    """A resumed row: the phases an interrupted run finished are kept, the others run."""
+    if kept is None or not kept.ok:
+        return
+    if kept.speed is not None:
+        entry.speed, entry.memory = kept.speed, kept.memory
+    if isinstance(kept.mmlu, dict):
+        entry.mmlu = dict(kept.mmlu)
+    if isinstance(kept.humaneval, HumanEvalResult):
+        entry.humaneval = kept.humaneval
+
+
+def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dict, save,
+                  kept: ModelResult | None = None) -> ModelResult:
+    """Load, then speed/memory, MMLU and HumanEval, each saved as soon as it finishes; phases `kept`
+    from an interrupted run are not measured again."""
     release_memory()
     baseline_rss = models.process_rss()  # libraries already imported (main): only the model counts
     models.set_seed(args.seed)
     engine = load_engine(args, name, engine_name, quantize)
     entry = describe_model(engine, name, args.cache_dir)
     entry.baseline_rss_bytes = baseline_rss
+    keep_finished(entry, kept)
     phases = Phases(entry, lambda: save(entry))
     meter = context["meter"]
     phases.save()
-    if not args.skip_speed:
+    if not args.skip_speed and entry.speed is None:
         def speed():
             with models.PeakMemory(engine.device, baseline_rss) as peak, \
                     progress_factory(total=args.repetitions, desc=f"speed {entry.model}") as bar:
@@ -279,8 +308,8 @@ def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dic
             context.pop("after_first_speed")(entry)
     if not args.skip_mmlu:
         def quality():
-            entry.mmlu = {}
-            for shots in args.mmlu_shots:
+            entry.mmlu = entry.mmlu if isinstance(entry.mmlu, dict) else {}
+            for shots in (s for s in args.mmlu_shots if str(s) not in entry.mmlu):
                 with meter.window() as w:
                     result = mmlu.run(engine, context["mmlu_docs"], shots, args, progress_factory)
                 result.energy = energy_per([w.reading], result.micro.total, "question")
@@ -292,7 +321,7 @@ def benchmark_row(args, name: str, engine_name: str, quantize: str, context: dic
             entry.humaneval = SYNTHETIC_NA
         elif not args.allow_code_execution:
             entry.humaneval = NOT_ALLOWED
-        else:
+        elif not isinstance(entry.humaneval, HumanEvalResult):
             def code():
                 with meter.window() as w:
                     entry.humaneval = humaneval.run(engine, args, progress_factory)
@@ -556,11 +585,14 @@ def main(argv=None) -> int:
     failures = 0
     for name, engine, quantize in rows:
         key = row_key(name, engine, quantize)
-        if key in run.models and run.models[key].ok and not run.models[key].phase_errors:
-            print(f"{run.models[key].model} · {engine}: kept from {json_path.name}")
+        kept = run.models.get(key)
+        if kept is not None and kept.ok and not missing_phases(kept, args):
+            print(f"{kept.model} · {engine}: kept from {json_path.name}")
             continue
+        if kept is not None and kept.ok:
+            print(f"{kept.model} · {engine}: finishing {', '.join(missing_phases(kept, args))}")
         try:
-            entry = benchmark_row(args, name, engine, quantize, context, save)
+            entry = benchmark_row(args, name, engine, quantize, context, save, kept)
         except Exception as exc:  # noqa: BLE001  a model that cannot be measured is recorded; the others run
             entry = ModelResult(name=name, model=name, engine=engine, quantize=quantize, error=one_line(exc))
             print(f"error: {name} · {engine}: {entry.error}", file=sys.stderr)

@@ -245,6 +245,39 @@ def test_resume_finishes_the_runs_own_models_and_a_respelled_path_is_the_same_ro
     assert "MMLU 2-shot per subject" in md and "virology" in md
 
 
+def test_resume_inside_a_row_keeps_its_finished_phases_and_measures_only_the_missing_ones(tmp_path, tiny_models,
+                                                                                          monkeypatch, capsys):
+    data = write_mmlu(tmp_path / "mmlu")
+    out = tmp_path / "out"
+    argv = tiny_run(out, [str(tiny_models["llama"])], "--mmlu-data", str(data), "--mmlu-subjects", "virology",
+                    "--mmlu-shots", "0", "2", "--dtype", "fp32")
+    real_run = benchmark.mmlu.run
+    shots_run = []
+
+    def interrupt_two_shot(engine, docs, shots, *rest):
+        shots_run.append(shots)
+        if shots == 2 and len(shots_run) == 2:
+            raise KeyboardInterrupt  # Ctrl+C during the second shot count of the only row
+        return real_run(engine, docs, shots, *rest)
+    monkeypatch.setattr(benchmark.mmlu, "run", interrupt_two_shot)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(argv)
+    path = only_json(out)
+    first = records.ModelResult.from_dict(next(iter(json.loads(path.read_text())["models"].values())))
+    assert set(first.mmlu) == {"0"} and first.speed.decode.trials
+    speed_calls = []
+    real_speed = benchmark.measure_speed
+    monkeypatch.setattr(benchmark, "measure_speed", lambda *a: speed_calls.append(1) or real_speed(*a))
+    capsys.readouterr()
+    assert benchmark.main(["--resume", str(path)]) == 0
+    assert "finishing MMLU 2-shot" in capsys.readouterr().out
+    assert shots_run == [0, 2, 2] and speed_calls == []  # only the missing phase ran
+    done = records.ModelResult.from_dict(next(iter(json.loads(path.read_text())["models"].values())))
+    assert set(done.mmlu) == {"0", "2"} and done.mmlu["0"] == first.mmlu["0"] and done.speed == first.speed
+    assert benchmark.main(["--resume", str(path)]) == 0  # a finished row is kept whole
+    assert shots_run == [0, 2, 2] and "kept from" in capsys.readouterr().out
+
+
 def test_a_failing_model_is_recorded_and_the_others_still_run(tmp_path, tiny_models, capsys):
     corrupt = tmp_path / "broken.Q4_0.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
