@@ -83,6 +83,7 @@ class ModelSpec:
     draft_for: tuple[str, ...] = ()  # registry keys this model can draft for (same tokenizer)
     default: bool = False  # member of the default comparison set
     published: tuple[PublishedScore, ...] = ()  # filled from PUBLISHED_SCORES below the table
+    gguf: tuple[GgufSource, ...] = ()  # filled from GGUF_SOURCES below the table; maker's first
 
     @property
     def url(self) -> str:
@@ -277,7 +278,180 @@ PUBLISHED_SCORES: dict[str, tuple[PublishedScore, ...]] = {
     ),
 }
 
-_ENTRIES = [dataclasses.replace(s, published=PUBLISHED_SCORES.get(s.key, ())) for s in _ENTRIES]
+
+@dataclass(frozen=True)
+class GgufSource:
+    """A Hugging Face repository of GGUF files for a registry model, and how its files are named.
+
+    `pattern` is the file name with `{quant}` where the quantization goes. `quants` are spelled exactly
+    as that repository spells them (Qwen writes "q4_k_m" and "fp16", bartowski "Q4_K_M" and "f16") and
+    list only quants published as one file (shards "-00001-of-0000N" are not fetched). `maker` marks the
+    model makers' own repository; `source` says where the repository and file names were checked.
+    """
+
+    repo_id: str
+    pattern: str
+    quants: tuple[str, ...]
+    maker: bool
+    source: str
+
+    @staticmethod
+    def key(quant: str) -> str:
+        """The spelling-independent name of a quantization: "q4_k_m" -> "Q4_K_M", "fp16" -> "F16"."""
+        upper = quant.strip().upper()
+        return {"FP16": "F16", "FP32": "F32"}.get(upper, upper)
+
+    def filename(self, quant: str) -> str | None:
+        """This repository's file for `quant` (any spelling), or None if the table does not list it."""
+        spelled = next((q for q in self.quants if self.key(q) == self.key(quant)), None)
+        return self.pattern.format(quant=spelled) if spelled else None
+
+
+# GGUF repositories per registry model, the makers' own first, then one well-known repackager. Every
+# repository and file name was read from a public file listing, commit page or download script (the
+# Hub itself was not reachable); a quant is listed only where its exact file name was seen. Pythia has
+# no GGUF from EleutherAI or a well-known repackager, so it gets none.
+_G = GgufSource
+_BARTOWSKI = "bartowski's imatrix quants; "
+GGUF_SOURCES: dict[str, tuple[GgufSource, ...]] = {
+    "tinyllama": (
+        _G("TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF", "tinyllama-1.1b-chat-v1.0.{quant}.gguf",
+           ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"), False,
+           "https://huggingface.co/TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF/tree/f9804e8 (Q2_K-Q4_K_M "
+           "listed); Q5_K_M, Q6_K, Q8_0 in public download scripts. TinyLlama publishes no GGUF"),
+    ),
+    "llama3.2-1b": (
+        _G("bartowski/Llama-3.2-1B-Instruct-GGUF", "Llama-3.2-1B-Instruct-{quant}.gguf",
+           ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "f16"), False,
+           _BARTOWSKI + "https://huggingface.co/bartowski/Llama-3.2-1B-Instruct-GGUF/tree/main, tree/d1738bb, "
+           "tree/75d9ce8, commit/7124d9d (f16). Meta publishes no GGUF"),
+    ),
+    "stablelm-1.6b": (
+        _G("mradermacher/stablelm-2-1_6b-chat-GGUF", "stablelm-2-1_6b-chat.{quant}.gguf",
+           ("Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "f16"), False,
+           "https://huggingface.co/mradermacher/stablelm-2-1_6b-chat-GGUF/tree/main (037d59f). Stability AI "
+           "publishes GGUF for stablelm-2-12b-chat, not for this model"),
+    ),
+    "qwen2.5-1.5b": (
+        _G("Qwen/Qwen2.5-1.5B-Instruct-GGUF", "qwen2.5-1.5b-instruct-{quant}.gguf",
+           ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "fp16"), True,
+           "https://huggingface.co/Qwen/Qwen2.5-1.5B-Instruct-GGUF; each file name in public download scripts "
+           "(q6_k and q8_0 pinned with size and sha256 at revision 91cad51)"),
+    ),
+    "smollm2-1.7b": (
+        _G("HuggingFaceTB/SmolLM2-1.7B-Instruct-GGUF", "smollm2-1.7b-instruct-{quant}.gguf", ("q4_k_m",), True,
+           "https://huggingface.co/HuggingFaceTB/SmolLM2-1.7B-Instruct-GGUF/tree/main (2d4a76a): q4_k_m only"),
+        _G("bartowski/SmolLM2-1.7B-Instruct-GGUF", "SmolLM2-1.7B-Instruct-{quant}.gguf",
+           ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "f16"), False,
+           _BARTOWSKI + "https://huggingface.co/bartowski/SmolLM2-1.7B-Instruct-GGUF/tree/f3498ee (f16), "
+           "tree/e364b5c, tree/d70739c"),
+    ),
+    "gemma3-1b": (
+        _G("google/gemma-3-1b-it-qat-q4_0-gguf", "gemma-3-1b-it-{quant}.gguf", ("q4_0",), True,
+           "https://huggingface.co/google/gemma-3-1b-it-qat-q4_0-gguf: Google's quantization-aware-trained "
+           "Q4_0 (gated like the original); file name and size in public download scripts at revision d1be121"),
+        _G("ggml-org/gemma-3-1b-it-GGUF", "gemma-3-1b-it-{quant}.gguf", ("Q4_K_M", "Q8_0", "f16"), False,
+           "llama.cpp's own org; https://huggingface.co/ggml-org/gemma-3-1b-it-GGUF, file names in public "
+           "download scripts"),
+    ),
+    "qwen3-1.7b": (
+        _G("Qwen/Qwen3-1.7B-GGUF", "Qwen3-1.7B-{quant}.gguf", ("Q8_0",), True,
+           "https://huggingface.co/Qwen/Qwen3-1.7B-GGUF: Q8_0 only; file name, size and sha256 in public notes"),
+        _G("ggml-org/Qwen3-1.7B-GGUF", "Qwen3-1.7B-{quant}.gguf", ("Q4_K_M", "Q8_0", "f16"), False,
+           "llama.cpp's own org; https://huggingface.co/ggml-org/Qwen3-1.7B-GGUF lists Q4_K_M, Q8_0, F16; "
+           "file names in public download scripts"),
+    ),
+    "smollm2-135m": (
+        _G("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "smollm2-135m-instruct-{quant}.gguf", ("q8_0",), True,
+           "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct-GGUF: no listing found; q8_0 in several "
+           "public download scripts (one pins its sha256), like the 360M repository's only file"),
+        _G("bartowski/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct-{quant}.gguf",
+           ("Q4_0", "Q4_K_M", "Q6_K", "Q8_0", "f16"), False,
+           _BARTOWSKI + "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/tree/main (09816ac, f16); "
+           "the others in public download scripts (Q4_K_M pinned with size and sha256 at 09816ac)"),
+    ),
+    "smollm2-360m": (
+        _G("HuggingFaceTB/SmolLM2-360M-Instruct-GGUF", "smollm2-360m-instruct-{quant}.gguf", ("q8_0",), True,
+           "https://huggingface.co/HuggingFaceTB/SmolLM2-360M-Instruct-GGUF/tree/main (593b5a2): q8_0 only"),
+        _G("bartowski/SmolLM2-360M-Instruct-GGUF", "SmolLM2-360M-Instruct-{quant}.gguf",
+           ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "f16"), False,
+           _BARTOWSKI + "https://huggingface.co/bartowski/SmolLM2-360M-Instruct-GGUF/tree/670ba89, tree/ab928a9; "
+           "f16 in public download scripts"),
+    ),
+    "qwen2.5-0.5b": (
+        _G("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-{quant}.gguf",
+           ("q2_k", "q4_0", "q4_k_m", "q5_k_m", "q8_0", "fp16"), True,
+           "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF; each file name in public download scripts "
+           "(q4_k_m pinned with size and sha256 at revision df5bf01)"),
+    ),
+    "qwen2.5-7b": (
+        _G("Qwen/Qwen2.5-7B-Instruct-GGUF", "qwen2.5-7b-instruct-{quant}.gguf", ("q2_k", "q3_k_m"), True,
+           "https://ai.gitee.com/hf-models/Qwen/Qwen2.5-7B-Instruct-GGUF (a mirror): q2_k and q3_k_m are single "
+           "files; q4_k_m and up are split into shards there, so they come from bartowski"),
+        _G("bartowski/Qwen2.5-7B-Instruct-GGUF", "Qwen2.5-7B-Instruct-{quant}.gguf",
+           ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "f16"), False,
+           _BARTOWSKI + "commit histories at https://huggingface.co/bartowski/Qwen2.5-7B-Instruct-GGUF/commits/main/"
+           "<file>; Q8_0 in public download scripts"),
+    ),
+    "llama3.2-3b": (
+        _G("bartowski/Llama-3.2-3B-Instruct-GGUF", "Llama-3.2-3B-Instruct-{quant}.gguf",
+           ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "f16"), False,
+           _BARTOWSKI + "https://huggingface.co/bartowski/Llama-3.2-3B-Instruct-GGUF/tree/main (5ab33fa), "
+           "tree/a4b1b21, commits/a4bbabf (f16). Meta publishes no GGUF"),
+    ),
+    "llama3.1-8b": (
+        _G("bartowski/Meta-Llama-3.1-8B-Instruct-GGUF", "Meta-Llama-3.1-8B-Instruct-{quant}.gguf",
+           ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "bf16"), False,
+           _BARTOWSKI + "https://huggingface.co/bartowski/Meta-Llama-3.1-8B-Instruct-GGUF/tree/83ffb22, tree/4c506ee. "
+           "Meta publishes no GGUF"),
+    ),
+    "llama2-7b-chat": (
+        _G("TheBloke/Llama-2-7B-Chat-GGUF", "llama-2-7b-chat.{quant}.gguf",
+           ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q8_0"), False,
+           "https://huggingface.co/TheBloke/Llama-2-7B-Chat-GGUF/tree/d4e8fc0, tree/ce47014; Q8_0 in public "
+           "download links. Meta publishes no GGUF"),
+    ),
+}
+
+
+def gguf_source(spec: ModelSpec, quant: str) -> tuple[str, str] | None:
+    """The GGUF repository and file the registry lists for a model at a quantization.
+
+    Args:
+        spec: a registry entry.
+        quant: any spelling, e.g. "Q4_K_M", "q8_0", "F16".
+    Returns:
+        (repo id, file name) from the first source that lists `quant` (the makers' own first), or None.
+    """
+    for source in spec.gguf:
+        name = source.filename(quant)
+        if name:
+            return source.repo_id, name
+    return None
+
+
+def cached_gguf(spec: ModelSpec, quant: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The GGUF file for `spec` at `quant` in the local Hugging Face cache, or None; never the network.
+
+    Looks in every source of the model (a download may have come from the second one) for the file the
+    table names, or, for a quant the table does not list, the file named with the quant upper- or
+    lower-case (how `download_models.py --gguf` finds one in a repository's listing).
+    """
+    from huggingface_hub import try_to_load_from_cache
+    key = GgufSource.key(quant)
+    spellings = {key.upper(), key.lower()} | ({"FP16", "fp16"} if key == "F16" else set())
+    for source in spec.gguf:
+        listed = source.filename(quant)
+        names = [listed] if listed else sorted(source.pattern.format(quant=q) for q in spellings)
+        for name in names:
+            path = try_to_load_from_cache(source.repo_id, name, cache_dir=cache_dir)
+            if isinstance(path, str):  # None: not cached; a sentinel object: known to be absent on the Hub
+                return Path(path)
+    return None
+
+
+_ENTRIES = [dataclasses.replace(s, published=PUBLISHED_SCORES.get(s.key, ()), gguf=GGUF_SOURCES.get(s.key, ()))
+            for s in _ENTRIES]
 REGISTRY: dict[str, ModelSpec] = {spec.key: spec for spec in _ENTRIES}
 DEFAULT_MODELS: tuple[str, ...] = tuple(s.key for s in _ENTRIES if s.default)
 _ALIASES: dict[str, str] = {a.lower(): s.key for s in _ENTRIES for a in (s.key, *s.aliases)}

@@ -1,10 +1,11 @@
-"""download_models.py: file selection, size planning, gated/offline handling, verification, --list."""
+"""download_models.py: file selection, size planning, gated/offline handling, verification, --list, --gguf."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_select_files_falls_back_to_bin_without_safetensors():
 def _siblings(files: dict[str, bytes]):
     out = []
     for name, content in files.items():
-        if name.endswith(".safetensors"):
+        if name.endswith((".safetensors", ".gguf")):  # stored with Git LFS on the Hub: size and sha256
             lfs = BlobLfsInfo(size=len(content), sha256=hashlib.sha256(content).hexdigest(), pointer_size=134)
             out.append(RepoSibling(name, size=len(content), blob_id="x", lfs=lfs))
         else:
@@ -135,7 +136,7 @@ def _run(args, tmp_path, **env):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+@pytest.mark.parametrize("extra", [[], ["--dry-run"], ["--gguf", "Q4_K_M"]])
 def test_unreachable_hub_fails_fast_with_one_line(tmp_path, extra):
     # A closed local port stands in for "no network", whatever network the test machine has.
     proc = _run(["--models", "tinyllama", *extra, "--output-dir", str(tmp_path / "out")], tmp_path,
@@ -161,3 +162,159 @@ def test_list_works_offline_and_shows_cached_models(tmp_path):
     assert "yes (0.00 GB)" in row
     assert "no" in next(line for line in lines if line.startswith("tinyllama "))
     assert len([line for line in lines if line and line.split()[0] in dm.models.REGISTRY]) == len(dm.models.REGISTRY)
+
+
+# ----------------------------------------------------------------------------------------------
+# --gguf: one GGUF file per model from the registry's GGUF repositories
+# ----------------------------------------------------------------------------------------------
+
+QWEN_GGUF = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"  # the makers' own; lower-case quants, "fp16"
+SMOL_MAKER = "HuggingFaceTB/SmolLM2-1.7B-Instruct-GGUF"  # q4_k_m only
+SMOL_BARTOWSKI = "bartowski/SmolLM2-1.7B-Instruct-GGUF"  # upper-case quants, "f16"
+GGUF_REPOS = {
+    QWEN_GGUF: {"qwen2.5-1.5b-instruct-q4_k_m.gguf": b"k" * 700, "qwen2.5-1.5b-instruct-q8_0.gguf": b"e" * 900,
+                "qwen2.5-1.5b-instruct-fp16.gguf": b"h" * 1500, "README.md": b"# Qwen",
+                "qwen2.5-1.5b-instruct-q3_k_m.gguf": b"3" * 600},
+    SMOL_MAKER: {"smollm2-1.7b-instruct-q4_k_m.gguf": b"s" * 800},
+    SMOL_BARTOWSKI: {"SmolLM2-1.7B-Instruct-Q4_K_M.gguf": b"b" * 800, "SmolLM2-1.7B-Instruct-Q8_0.gguf": b"B" * 1200,
+                     "SmolLM2-1.7B-Instruct-Q3_K_L.gguf": b"l" * 650, "SmolLM2-1.7B-Instruct.imatrix": b"i"},
+    "Qwen/Qwen3-1.7B-GGUF": {"Qwen3-1.7B-Q8_0.gguf": b"8" * 100, "LICENSE": b"apache"},
+    "ggml-org/Qwen3-1.7B-GGUF": {"Qwen3-1.7B-Q4_K_M.gguf": b"4" * 50, "Qwen3-1.7B-Q8_0.gguf": b"8" * 100,
+                                 "Qwen3-1.7B-f16.gguf": b"f" * 200, "Qwen3-1.7B-Q6_K-00001-of-00002.gguf": b"6",
+                                 "Qwen3-1.7B-Q6_K-00002-of-00002.gguf": b"6"},
+}
+REG = dm.models.REGISTRY
+
+
+@pytest.mark.parametrize("model, quant, repo, name", [
+    ("qwen2.5-1.5b", "Q4_K_M", QWEN_GGUF, "qwen2.5-1.5b-instruct-q4_k_m.gguf"),  # lower-case file names
+    ("qwen2.5-1.5b", "f16", QWEN_GGUF, "qwen2.5-1.5b-instruct-fp16.gguf"),  # the same quant, spelled "fp16"
+    ("smollm2-1.7b", "q4_k_m", SMOL_MAKER, "smollm2-1.7b-instruct-q4_k_m.gguf"),  # the makers' repository first
+    ("smollm2-1.7b", "q8_0", SMOL_BARTOWSKI, "SmolLM2-1.7B-Instruct-Q8_0.gguf"),  # upper-case, from the repackager
+    ("smollm2-1.7b", "Q3_K_L", SMOL_BARTOWSKI, "SmolLM2-1.7B-Instruct-Q3_K_L.gguf"),  # in the listing, not the table
+])
+def test_gguf_plan_picks_the_one_file_for_the_quant(model, quant, repo, name):
+    plan = dm.plan_gguf(FakeApi(GGUF_REPOS), model, REG[model], quant, None)
+    content = GGUF_REPOS[repo][name]
+    assert (plan.repo_id, [f.name for f in plan.files]) == (repo, [name])
+    assert plan.total_bytes == len(content) and plan.files[0].sha256 == hashlib.sha256(content).hexdigest()
+    assert plan.quant == dm.models.GgufSource.key(quant)
+
+
+def test_gguf_quant_nobody_publishes_names_the_ones_that_exist():
+    with pytest.raises(dm.models.UserError) as err:
+        dm.plan_gguf(FakeApi(GGUF_REPOS), "qwen3-1.7b", REG["qwen3-1.7b"], "q5_k_m", None)
+    # shards ("-00001-of-00002") and other files are not quants one can ask for
+    assert str(err.value) == ("no Q5_K_M GGUF: Qwen/Qwen3-1.7B-GGUF has Q8_0; "
+                              "ggml-org/Qwen3-1.7B-GGUF has Q4_K_M, Q8_0, F16. Pick one of those with --gguf.")
+
+
+def _fake_gguf_snapshot(tmp_path, corrupt=()):
+    """snapshot_download replacement for GGUF repositories; files named in `corrupt` arrive damaged."""
+    def snapshot_download(repo_id, allow_patterns=None, **_kwargs):
+        snap = tmp_path / "cache" / repo_id.replace("/", "--")
+        snap.mkdir(parents=True, exist_ok=True)
+        for name in allow_patterns:
+            content = GGUF_REPOS[repo_id][name]
+            (snap / name).write_bytes(b"x" * len(content) if name in corrupt else content)
+        return str(snap)
+    return snapshot_download
+
+
+def test_gguf_download_fetches_one_file_reports_model_without_gguf_and_records_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: FakeApi(GGUF_REPOS))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", _fake_gguf_snapshot(tmp_path))
+    code = dm.main(["--models", "pythia-1b", "qwen2.5-1.5b", "smollm2-1.7b", "--gguf", "Q8_0", "--verify",
+                    "--output-dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0  # a model without GGUF is skipped, not a failure
+    assert captured.err == ("  pythia-1b: no GGUF repository is known for this model: download its safetensors "
+                            "(without --gguf)\n")
+    plan_line = next(line for line in captured.out.splitlines() if line.startswith("qwen2.5-1.5b "))
+    assert plan_line.split()[:3] == ["qwen2.5-1.5b", QWEN_GGUF, "qwen2.5-1.5b-instruct-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == [
+        "SmolLM2-1.7B-Instruct-Q8_0.gguf", "qwen2.5-1.5b-instruct-q8_0.gguf"]  # nothing else from either repo
+    result = json.loads(next((tmp_path / "out").glob("download_models-*.json")).read_text())
+    by_model = {o["model"]: o for o in result["models"]}
+    assert by_model["pythia-1b"]["status"] == "skipped"
+    smol = by_model["smollm2-1.7b"]
+    content = GGUF_REPOS[SMOL_BARTOWSKI]["SmolLM2-1.7B-Instruct-Q8_0.gguf"]
+    assert (smol["status"], smol["verified"], smol["repo_id"], smol["quant"], smol["gguf_file"], smol["bytes"],
+            smol["sha256"]) == ("ok", True, SMOL_BARTOWSKI, "Q8_0", "SmolLM2-1.7B-Instruct-Q8_0.gguf", len(content),
+                                hashlib.sha256(content).hexdigest())
+    markdown = next((tmp_path / "out").glob("download_models-*.md")).read_text()
+    assert "SmolLM2-1.7B-Instruct-Q8_0.gguf" in markdown and hashlib.sha256(content).hexdigest() in markdown
+
+
+def test_gguf_plan_table_names_file_repository_and_size(capsys):
+    plan = dm.Plan("qwen2.5-1.5b", QWEN_GGUF, False, [dm.RepoFile("qwen2.5-1.5b-instruct-q4_k_m.gguf", 1_117_320_736)],
+                   quant="Q4_K_M")
+    dm.print_plan([plan])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "repository", "file", "GB", "gated"]
+    assert lines[2].split() == ["qwen2.5-1.5b", QWEN_GGUF, "qwen2.5-1.5b-instruct-q4_k_m.gguf", "1.12"]
+    assert lines[-1] == "total: 1.12 GB"
+
+
+def test_gguf_verify_detects_a_corrupt_file(tmp_path, monkeypatch):
+    name = "qwen2.5-1.5b-instruct-q4_k_m.gguf"
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: FakeApi(GGUF_REPOS))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", _fake_gguf_snapshot(tmp_path, corrupt={name}))
+    code = dm.main(["--models", "qwen2.5-1.5b", "--gguf", "q4_k_m", "--verify", "--output-dir", str(tmp_path / "out")])
+    assert code == 1
+    (outcome,) = json.loads(next((tmp_path / "out").glob("download_models-*.json")).read_text())["models"]
+    assert outcome["status"] == "failed" and outcome["verified"] is False and name in outcome["message"]
+
+
+def test_gguf_unknown_quant_is_one_line_and_the_others_still_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: FakeApi(GGUF_REPOS))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", _fake_gguf_snapshot(tmp_path))
+    code = dm.main(["--models", "qwen3-1.7b", "qwen2.5-1.5b", "--gguf", "Q4_K_M", "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Qwen3-1.7B-Q4_K_M.gguf" in out and "qwen2.5-1.5b-instruct-q4_k_m.gguf" in out  # ggml-org's; Qwen's own
+    code = dm.main(["--models", "qwen3-1.7b", "qwen2.5-1.5b", "--gguf", "Q3_K_M", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("  qwen3-1.7b: no Q3_K_M GGUF: Qwen/Qwen3-1.7B-GGUF has ")
+    assert (tmp_path / "cache" / QWEN_GGUF.replace("/", "--") / "qwen2.5-1.5b-instruct-q3_k_m.gguf").is_file()
+
+
+def _cache_file(root: Path, repo_id: str, name: str, content: bytes = b"GGUF") -> Path:
+    """A file the way huggingface_hub caches it: models--org--name/snapshots/<rev>/<file> + refs/main."""
+    repo_dir = root / ("models--" + repo_id.replace("/", "--"))
+    (repo_dir / "snapshots" / "c0ffee").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text("c0ffee")
+    path = repo_dir / "snapshots" / "c0ffee" / name
+    path.write_bytes(content)
+    return path
+
+
+def test_cached_gguf_finds_the_file_in_the_hf_cache_without_network(tmp_path, monkeypatch):
+    def no_network(*_args, **_kwargs):
+        raise AssertionError("cached_gguf touched the network")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    qwen = _cache_file(tmp_path, QWEN_GGUF, "qwen2.5-1.5b-instruct-q4_k_m.gguf")
+    smol = _cache_file(tmp_path, SMOL_BARTOWSKI, "SmolLM2-1.7B-Instruct-Q3_K_L.gguf")
+    assert dm.models.cached_gguf(REG["qwen2.5-1.5b"], "Q4_K_M", cache_dir=tmp_path) == qwen
+    assert dm.models.cached_gguf(REG["smollm2-1.7b"], "q3_k_l", cache_dir=tmp_path) == smol  # the repackager's
+    assert dm.models.cached_gguf(REG["qwen2.5-1.5b"], "Q8_0", cache_dir=tmp_path) is None
+    assert dm.models.cached_gguf(REG["pythia-1b"], "Q4_K_M", cache_dir=tmp_path) is None
+    assert dm.models.cached_gguf(REG["qwen2.5-1.5b"], "Q4_K_M", cache_dir=tmp_path / "empty") is None
+    assert dm.models.gguf_source(REG["qwen2.5-1.5b"], "F16") == (QWEN_GGUF, "qwen2.5-1.5b-instruct-fp16.gguf")
+    assert dm.models.gguf_source(REG["pythia-1b"], "Q4_K_M") is None
+
+
+def test_list_shows_gguf_quants_and_which_are_cached(tmp_path):
+    _cache_file(tmp_path, SMOL_BARTOWSKI, "SmolLM2-1.7B-Instruct-Q8_0.gguf")
+    rows = {row[0]: row[-1] for row in dm.registry_rows(str(tmp_path))}
+    assert rows["smollm2-1.7b"] == "Q4_0 Q4_K_M Q5_K_M Q6_K Q8_0* F16"
+    assert rows["pythia-1b"] == "none" and "*" not in rows["qwen2.5-1.5b"]
+
+
+def test_every_gguf_source_is_well_formed():
+    for spec in REG.values():
+        for source in spec.gguf:
+            assert "{quant}" in source.pattern and source.pattern.endswith(".gguf") and source.source
+            assert all(dm.quant_of(source, source.filename(q)) == q for q in source.quants)
+        assert [s.maker for s in spec.gguf] == sorted((s.maker for s in spec.gguf), reverse=True)  # makers first
