@@ -105,16 +105,37 @@ def run_tool(command: list[str], log: Path, env: dict | None = None) -> tuple[fl
     return time.perf_counter() - start, out.stdout + out.stderr
 
 
-def convert_to_f16(build: llamacpp_tools.Build, hf_dir: Path, out: Path) -> ModelFile:
+def converter_deps(build: llamacpp_tools.Build, cache: Path) -> Path:
+    """A folder with the converter's requirements that the project's environment lacks, installed once
+    with pip --target so the project's venv stays as it is. llama.cpp's llama converter imports
+    sentencepiece before it looks for a tokenizer.model (SmolLM2 has a BPE tokenizer.json, so it then
+    falls through to that); its requirements file pins the range."""
+    folder = cache / "converter-deps"
+    requirements = (build.source_dir / "requirements" / "requirements-convert_legacy_llama.txt").read_text()
+    needed = [line.strip() for line in requirements.splitlines() if line.startswith("sentencepiece")]
+    probe = subprocess.run([sys.executable, "-c", "import sentencepiece"], capture_output=True,
+                           env=dict(os.environ, PYTHONPATH=str(folder)))
+    if needed and probe.returncode != 0:
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), *needed]
+        print("$", shlex.join(command), flush=True)
+        if subprocess.run(command).returncode != 0:
+            raise models.UserError(f"could not install the converter's {' '.join(needed)} into {folder}: "
+                                   "install it with pip and rerun.")
+    return folder
+
+
+def convert_to_f16(build: llamacpp_tools.Build, hf_dir: Path, out: Path, deps: Path) -> ModelFile:
     """llama.cpp's convert_hf_to_gguf.py (with its own gguf-py) on the fp32 directory: an F16 GGUF."""
     command = [sys.executable, str(build.source_dir / "convert_hf_to_gguf.py"), str(hf_dir),
                "--outfile", str(out), "--outtype", "f16"]
     seconds = None
     if not out.is_file():
         tmp = out.with_name(out.name + ".tmp")
-        seconds, _ = run_tool(command[:-4] + ["--outfile", str(tmp), "--outtype", "f16"], out.with_suffix(".log"))
+        seconds, _ = run_tool(command[:-4] + ["--outfile", str(tmp), "--outtype", "f16"], out.with_suffix(".log"),
+                              env=dict(os.environ, PYTHONPATH=str(deps)))
         tmp.rename(out)
-    return ModelFile("F16", str(out), out.stat().st_size, models.file_sha256(out), shlex.join(command), seconds)
+    return ModelFile("F16", str(out), out.stat().st_size, models.file_sha256(out),
+                     f"PYTHONPATH={deps} {shlex.join(command)}", seconds)
 
 
 def quantize(build: llamacpp_tools.Build, f16: Path, quant: str, out: Path, threads: int) -> ModelFile:
@@ -145,7 +166,8 @@ def prepare_files(args, build: llamacpp_tools.Build) -> list[ModelFile]:
     folder.mkdir(parents=True, exist_ok=True)
     stem = source.stem.split(".")[0]  # SmolLM2-135M-Instruct
     files = [dequantize(source, folder / f"{stem}-fp32")]
-    f16 = convert_to_f16(build, Path(files[0].path), folder / f"{stem}-F16.gguf")
+    f16 = convert_to_f16(build, Path(files[0].path), folder / f"{stem}-F16.gguf",
+                         converter_deps(build, args.tools_cache))
     files.append(f16)
     files += [quantize(build, Path(f16.path), q, folder / f"{stem}-{q}.gguf", args.threads) for q in args.quants]
     return files
