@@ -35,6 +35,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -228,17 +229,26 @@ def compare(ours: Series, theirs: Series, tolerance: float) -> dict:
     return {"ours": ours.label, "llama_bench": theirs.label, "ours_mean": ours.mean, "ours_std": ours.std,
             "llama_bench_mean": theirs.mean, "llama_bench_std": theirs.std, "ratio": ratio,
             "round_ratios": per_round, "round_ratio_mean": round_mean, "round_ratio_std": round_std,
-            "within_tolerance": abs(ratio - 1) <= tolerance}
+            "round_ratio_ci95": bootstrap_mean_ci(per_round), "within_tolerance": abs(ratio - 1) <= tolerance}
+
+
+def bootstrap_mean_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the mean (seeded: the same rounds give the same interval)."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]
 
 
 def comparison_rows(comparisons: list[dict], tolerance: float) -> list[list]:
     return [[c["ours"], f"{c['ours_mean']:.1f} ± {c['ours_std']:.1f}", c["llama_bench"],
              f"{c['llama_bench_mean']:.1f} ± {c['llama_bench_std']:.1f}", f"{c['ratio']:.3f}",
-             f"{c['round_ratio_mean']:.3f} ± {c['round_ratio_std']:.3f}",
+             f"{c['round_ratio_mean']:.3f} [{c['round_ratio_ci95'][0]:.3f}, {c['round_ratio_ci95'][1]:.3f}]",
              "yes" if c["within_tolerance"] else f"no (beyond ±{100 * tolerance:.0f}%)"] for c in comparisons]
 
 
-COMPARISON_HEADERS = ["Ours", "tok/s", "llama-bench", "tok/s", "ratio of means", "per-round ratio", "within"]
+COMPARISON_HEADERS = ["Ours", "tok/s", "llama-bench", "tok/s", "ratio of means", "per-round ratio [95% CI]",
+                      "within"]
 
 
 def render_markdown(data: dict) -> str:
