@@ -170,6 +170,10 @@ def prepare_files(args, build: llamacpp_tools.Build) -> list[ModelFile]:
                          converter_deps(build, args.tools_cache))
     files.append(f16)
     files += [quantize(build, Path(f16.path), q, folder / f"{stem}-{q}.gguf", args.threads) for q in args.quants]
+    if not args.skip_source_row:
+        files.append(ModelFile(f"{models.gguf_quant(source.name) or 'source'} (the source file)", str(source),
+                               source.stat().st_size, models.file_sha256(source), "given", None,
+                               ["the very weights the fp32 row de-quantized, run by llama.cpp's kernels"]))
     return files
 
 
@@ -199,8 +203,10 @@ def benchmark_command(args, files: list[ModelFile]) -> list[str]:
 def run_benchmark(args, files: list[ModelFile]) -> Path:
     """benchmark.py as a program (its own process, its own results file); the file it wrote."""
     command = benchmark_command(args, files)
-    env = dict(os.environ, **{models.CPU_BF16_ENV: REFERENCE_DTYPES[args.reference_dtype]})
-    print(f"$ {models.CPU_BF16_ENV}={env[models.CPU_BF16_ENV]}", shlex.join(command), flush=True)
+    # the reference dtype through transformers' auto choice; torch gets llama.cpp's thread count
+    overrides = {models.CPU_BF16_ENV: REFERENCE_DTYPES[args.reference_dtype], "OMP_NUM_THREADS": str(args.threads)}
+    env = dict(os.environ, **overrides)
+    print("$", " ".join(f"{k}={v}" for k, v in overrides.items()), shlex.join(command), flush=True)
     proc = subprocess.Popen(command, cwd=results_io.PROJECT_ROOT, env=env, stdout=subprocess.PIPE, text=True)
     written = None
     for line in proc.stdout:
@@ -312,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                              f"(default: {' '.join(DEFAULT_QUANTS)})")
     parser.add_argument("--reference-dtype", choices=list(REFERENCE_DTYPES), default="fp32",
                         help="dtype of the transformers reference row (default: fp32)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp and llama-quantize "
-                                                                  "(default: every core)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp, torch "
+                                                                  "(OMP_NUM_THREADS) and llama-quantize (default: every core)")
     parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS,
                         help=f"benchmark.py speed repetitions (default: {DEFAULT_REPETITIONS})")
     parser.add_argument("--mmlu-data", default=DEFAULT_MMLU_DATA, help="MMLU CSV folder (default: ../shared/data/mmlu)")
@@ -321,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"first N questions per subject (default: {DEFAULT_MMLU_LIMIT})")
     parser.add_argument("--mmlu-shots", nargs="+", type=int, default=DEFAULT_MMLU_SHOTS,
                         help="few-shot counts (default: 0)")
+    parser.add_argument("--skip-source-row", action="store_true",
+                        help="leave out the source GGUF itself (the fp32 row's exact weights on llama.cpp's kernels)")
     parser.add_argument("--prepare-only", action="store_true", help="make and fingerprint the files; measure nothing")
     parser.add_argument("--benchmark-results", metavar="RUN.json", default=None,
                         help="compare the rows of this finished benchmark.py run instead of running a new one")
@@ -364,7 +372,7 @@ def main(argv=None) -> int:
     shots = sorted({k for c in costs for k in c["mmlu"]}, key=int)
     data = {"script": "bench_quant_tradeoff", "settings": {k: getattr(args, k) for k in (
                 "source", "quants", "reference_dtype", "threads", "repetitions", "mmlu_data", "mmlu_limit",
-                "mmlu_shots", "seed")},
+                "mmlu_shots", "skip_source_row", "seed")},
             "environment": results_io.environment("cpu", args.seed, None), "build": build.describe(),
             "gguf_py_version": gguf_py_version(build), "files": [asdict(f) for f in files],
             "benchmark_command": benchmark_command(args, files), "benchmark_results": str(results_path),
