@@ -324,6 +324,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_rounds(ours: OurRunner, main_bench: LlamaBenchRunner, others: list[LlamaBenchRunner], rounds: int) -> None:
+    """Alternate which side goes first, so slow drifts in the machine's load hit both alike."""
+    ours.warm_up()
+    for i in range(rounds):
+        order = [ours, main_bench] if i % 2 == 0 else [main_bench, ours]
+        for runner in order + others:
+            runner.run()
+        print(f"round {i + 1}/{rounds}: ours pp {ours.pp.values[-1]:.1f} tg {ours.tg.values[-1]:.1f} "
+              f"(as llama-bench {ours.tg_empty.values[-1]:.1f}) | llama-bench pp {main_bench.pp.values[-1]:.1f} "
+              f"tg {main_bench.tg.values[-1]:.1f}" + "".join(f" | {o.name} pp {o.pp.values[-1]:.1f} "
+                                                            f"tg {o.tg.values[-1]:.1f}" for o in others), flush=True)
+
+
+def results_data(args, build, context: dict, env: dict, ours: OurRunner, main_bench: LlamaBenchRunner,
+                 others: list[LlamaBenchRunner], comparisons: list[dict]) -> dict:
+    series = [ours.pp, ours.tg, ours.tg_empty, main_bench.pp, main_bench.tg] + \
+             [s for o in others for s in (o.pp, o.tg)]
+    return {"script": "bench_llama_bench",
+            "settings": {k: getattr(args, k) for k in ("model", "threads", "rounds", "prompt_tokens", "new_tokens",
+                                                       "tolerance", "library", "variant", "also_variants", "seed")},
+            "environment": env, "load_average_end": results_io.load_average(),
+            "build": build.describe(), "library": args.library, "engine": context,
+            "llama_bench_command": main_bench.command, "llama_bench_last_json": main_bench.last_json,
+            "comparisons": comparisons, "rounds": {s.label: s.values for s in series},
+            "other_variants": [{"name": o.name, "pp_mean": o.pp.mean, "pp_std": o.pp.std, "tg_mean": o.tg.mean,
+                                "tg_std": o.tg.std, "command": o.command} for o in others]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     build = llamacpp_tools.build_from_args(args, targets=("llama-bench",))
@@ -341,33 +369,16 @@ def main(argv=None) -> int:
     main_bench = llama_bench_runner(build, args.variant, args, engine.gpu_layers)
     others = [llama_bench_runner(build, v, args, engine.gpu_layers) for v in args.also_variants]
     print("$", " ".join(main_bench.command))
-    ours.warm_up()
-    for i in range(args.rounds):
-        order = [ours, main_bench] if i % 2 == 0 else [main_bench, ours]
-        for runner in order + others:
-            runner.run()
-        print(f"round {i + 1}/{args.rounds}: ours pp {ours.pp.values[-1]:.1f} tg {ours.tg.values[-1]:.1f} "
-              f"(as llama-bench {ours.tg_empty.values[-1]:.1f}) | llama-bench pp {main_bench.pp.values[-1]:.1f} "
-              f"tg {main_bench.tg.values[-1]:.1f}" + "".join(f" | {o.name} pp {o.pp.values[-1]:.1f} "
-                                                            f"tg {o.tg.values[-1]:.1f}" for o in others), flush=True)
+    env = results_io.environment(torch.device("cpu"), args.seed, None)  # load average before the rounds
+    run_rounds(ours, main_bench, others, args.rounds)
+    engine.close()
     comparisons = [compare(ours.pp, main_bench.pp, args.tolerance), compare(ours.tg, main_bench.tg, args.tolerance),
                    compare(ours.tg_empty, main_bench.tg, args.tolerance)]
     print()
     print(results_io.markdown_table(COMPARISON_HEADERS, comparison_rows(comparisons, args.tolerance)))
     for other in others:
         print(f"{other.name}: pp {other.pp.fmt()}  tg {other.tg.fmt()} tok/s")
-    series = [ours.pp, ours.tg, ours.tg_empty, main_bench.pp, main_bench.tg] + \
-             [s for o in others for s in (o.pp, o.tg)]
-    data = {"script": "bench_llama_bench",
-            "settings": {k: getattr(args, k) for k in ("model", "threads", "rounds", "prompt_tokens", "new_tokens",
-                                                       "tolerance", "library", "variant", "also_variants", "seed")},
-            "environment": results_io.environment(torch.device("cpu"), args.seed, None),
-            "build": build.describe(), "library": args.library, "engine": context,
-            "llama_bench_command": main_bench.command, "llama_bench_last_json": main_bench.last_json,
-            "comparisons": comparisons, "rounds": {s.label: s.values for s in series},
-            "other_variants": [{"name": o.name, "pp_mean": o.pp.mean, "pp_std": o.pp.std, "tg_mean": o.tg.mean,
-                                "tg_std": o.tg.std, "command": o.command} for o in others]}
-    engine.close()
+    data = results_data(args, build, context, env, ours, main_bench, others, comparisons)
     json_path, _ = results_io.result_paths(args.output_dir, "bench_llama_bench")
     results_io.write_results(json_path, data, render_markdown(data))
     print(f"results: {json_path} and {json_path.with_suffix('.md')}")

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -179,7 +180,7 @@ def build_tools(targets=DEFAULT_TARGETS, cmake_args: list[str] | None = None, sd
         UserError: no cmake/ninja, no sdist, or a failed build.
     """
     for program in ("cmake", "ninja"):
-        if not _which(program):
+        if not shutil.which(program):
             raise models.UserError(f"building llama.cpp's tools needs {program}: apt-get install cmake ninja-build "
                                    "(or pip install cmake ninja).")
     cmake_args = cmake_args_from(None) if cmake_args is None else cmake_args
@@ -197,11 +198,6 @@ def build_tools(targets=DEFAULT_TARGETS, cmake_args: list[str] | None = None, sd
     build.llama_cpp_commit, build.llama_cpp_build_number = read_build_info(build_dir)
     build.system_info = read_system_info(build.bin_dir)
     return build
-
-
-def _which(program: str) -> bool:
-    from shutil import which
-    return which(program) is not None
 
 
 def add_build_args(parser: argparse.ArgumentParser) -> None:
