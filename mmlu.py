@@ -91,9 +91,22 @@ def load_split(subject: str, split: str, data_dir: str | None) -> list[dict]:
             raise models.UserError(f"MMLU file {path} is missing: --mmlu-data must hold test/{{subject}}_test.csv "
                                    "and dev/{subject}_dev.csv (the original data.tar layout).")
         return read_csv(path)
+    offline = models.hub_unreachable()
+    if offline:
+        models.go_offline()  # the cached copy, if any, without huggingface_hub's minute of retries
     import datasets
-    with models.translated_errors(DEFAULT_DATASET):
-        rows = datasets.load_dataset(DEFAULT_DATASET, subject, split=split)
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = True  # datasets read the variable when it was imported
+    try:
+        with models.translated_errors(DEFAULT_DATASET):
+            rows = datasets.load_dataset(DEFAULT_DATASET, subject, split=split)
+    except models.UserError:
+        if not offline:
+            raise
+        raise models.UserError(f"cannot reach the Hugging Face Hub ({offline}) and the MMLU dataset {DEFAULT_DATASET} "
+                               "is not in the local cache: pass --mmlu-data DIR with the CSV layout "
+                               "(test/{subject}_test.csv, dev/{subject}_dev.csv; e.g. ../shared/data/mmlu), "
+                               "or run once with a network to cache it, or --skip-mmlu.") from None
     return [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])} for r in rows]
 
 

@@ -83,3 +83,10 @@ def test_local_models_still_run_when_some_cannot_be_had(tmp_path, tiny_models):
 def test_finetune_fails_fast_offline_with_one_line(tmp_path):
     line = assert_one_offline_line(*run_offline("finetune_demo", ["--max-steps", "1"], tmp_path))
     assert "smollm2-135m" in line
+
+
+def test_mmlu_from_the_hub_fails_fast_offline_with_the_local_folder_as_the_fix(tmp_path, tiny_models):
+    # a local model needs no Hub, but MMLU without --mmlu-data is the Hub's cais/mmlu: said before any load
+    line = assert_one_offline_line(*run_offline("benchmark", ["--quick", "--models", str(tiny_models["llama"])],
+                                                tmp_path))
+    assert "MMLU dataset cais/mmlu is not in the local cache" in line and "--mmlu-data DIR" in line
