@@ -23,6 +23,7 @@ import difflib
 import gc
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -503,7 +504,9 @@ def plan_lines(args, rows, docs: list | None) -> list[str]:
         lines.append(f"  HumanEval: {problems} problems x {args.humaneval_samples} sample(s) per row"
                      if args.allow_code_execution else f"  HumanEval: {NOT_ALLOWED}; README: Running model-written code")
     if not args.quick and (docs or (not args.skip_humaneval and args.allow_code_execution)):
-        lines.append(f"  a fast look instead: python benchmark.py --quick --models {' '.join(names)}")
+        given = " ".join(shlex.quote(n) for n in dict.fromkeys(n for n, _, _ in rows))  # as typed: runnable
+        data = f" --mmlu-data {shlex.quote(str(args.mmlu_data))}" if args.mmlu_data else ""
+        lines.append(f"  a fast look instead: python benchmark.py --quick --models {given}{data}")
     return lines
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,26 @@ def test_peak_memory_sees_an_allocation():
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
+def test_plan_says_the_run_size_and_a_quick_command_that_runs_as_printed(tmp_path):
+    data = write_mmlu(tmp_path / "my mmlu")
+    model = tmp_path / "some dir" / "m.Q4_0.gguf"
+    model.parent.mkdir()
+    model.write_bytes(b"GGUF")  # named only: the plan loads nothing
+    model = str(model)
+    args = benchmark.parse_args(["--models", "tinyllama", model, "--engine", "transformers", "--mmlu-data", str(data),
+                                 "--mmlu-subjects", "virology", "anatomy", "--mmlu-shots", "0", "2"])
+    docs = mmlu.load_docs(args.mmlu_subjects, args.mmlu_shots, args.mmlu_limit, args.mmlu_data)
+    lines = benchmark.plan_lines(args, benchmark.plan_rows(args), docs)
+    assert lines[0].startswith("plan: 2 row(s): tinyllama, m.Q4_0 on transformers")
+    assert any(line.strip().startswith("MMLU: 6 questions x 2 shot count(s) (0, 2) = 12 per row") for line in lines)
+    assert any("HumanEval: not run: code execution not allowed" in line for line in lines)
+    quick = next(line for line in lines if "a fast look instead" in line).split(": ", 1)[1]
+    argv = shlex.split(quick)
+    assert argv[:3] == ["python", "benchmark.py", "--quick"]
+    parsed = benchmark.parse_args(argv[2:])  # the printed command parses back to the same models and data
+    assert parsed.models == ["tinyllama", model] and parsed.mmlu_data == str(data)
+
 
 def test_parser_rules():
     args = benchmark.parse_args(["--quantize", "none", "int8", "--quick", "--mmlu-limit", "7"])
