@@ -150,7 +150,12 @@ def row_weights(e: ModelResult) -> str:
     return e.dtype if e.source == "synthetic" else e.weights_label
 
 
-def hardware_label(e: ModelResult) -> str:
+def hardware_label(e: ModelResult, run: ReportRun) -> str:
+    """'AMD EPYC (cpu)', or 'AMD EPYC (cpu, 1 thread)' for a CPU run limited to fewer threads than the
+    machine's cores: figures on other thread counts are other rows, never merged or ranked as one."""
+    cores = ((run.data.get("environment") or {}).get("cpu") or {}).get("cores_logical")
+    if e.device == "cpu" and e.threads and cores and e.threads < cores:
+        return f"{e.device_name} ({e.device}, {e.threads} thread{'s' if e.threads > 1 else ''})"
     return f"{e.device_name} ({e.device})"
 
 
@@ -164,7 +169,7 @@ def collect_rows(runs: list[ReportRun]) -> list[ModelRow]:
                 continue
             spec = models.spec_of(e.hf_id or e.name)
             label = spec.key if spec else e.model
-            key = (label, hardware_label(e), e.engine, row_weights(e))
+            key = (label, hardware_label(e, run), e.engine, row_weights(e))
             row = rows.setdefault(key, ModelRow(label, spec, key[1], e.engine, key[3], e, run))
             row.entry, row.entry_run = e, run
             if e.speed and e.memory and (row.speed is None or row.speed.entry.source == "synthetic"
@@ -321,8 +326,10 @@ def quant_cost_sections(rows: list[ModelRow]) -> list[str]:
     """One table per model measured in several weights formats with MMLU on the same questions:
     speed, memory, disk, accuracy and the paired comparison with its reference row."""
     parts = []
-    for label in sorted(several_formats(rows), key=lambda x: [r.label for r in rows].index(x)):
-        group = [r for r in rows if r.label == label]
+    several_hw = len({r.hardware for r in rows}) > 1
+    groups = dict.fromkeys((r.label, r.hardware) for r in rows if r.label in several_formats(rows))
+    for label, hardware in groups:  # one table per model and hardware: speeds on one machine and thread count
+        group = [r for r in rows if (r.label, r.hardware) == (label, hardware)]
         ref = reference_row(group)
         if ref is None:
             continue
@@ -347,7 +354,7 @@ def quant_cost_sections(rows: list[ModelRow]) -> list[str]:
                     + [" · ".join(sorted({m.run.rid for m in (r.speed, r.mmlu[shots]) if m}))])
             if len(table) < 2:
                 continue
-            parts += [f"### What each quant costs: {label}, MMLU {shots}-shot\n",
+            parts += [f"### What each quant costs: {label}{f' on {hardware}' if several_hw else ''}, MMLU {shots}-shot\n",
                       f"Reference: {ref.runs_on}. Agreement: questions answered correctly or incorrectly by both; "
                       "Δ accuracy: this row minus the reference, in points, with a 95% paired-bootstrap interval; "
                       "McNemar: exact two-sided p on the questions only one of the two got right.\n",
@@ -797,15 +804,19 @@ def runs_section(runs: list[ReportRun], rows: list[ModelRow], page_dir: Path) ->
 
 def energy_note(runs: list[ReportRun], rows: list[ModelRow]) -> str:
     """How the AI-per-watt column was measured, or why it is empty (each reason once)."""
-    reasons = sorted({(r.bench.environment.get("energy") or {}).get("reason") or "the run predates the energy meter"
-                      for r in runs if r.kind == "benchmark" and r.rid in used_runs(rows)
-                      and not (r.bench.environment.get("energy") or {}).get("available")})
+    reasons = {}  # why -> the runs it applies to
+    for r in runs:
+        energy_env = (r.bench.environment.get("energy") or {}) if r.kind == "benchmark" else {}
+        if r.kind == "benchmark" and r.rid in used_runs(rows) and not energy_env.get("available"):
+            why = (energy_env.get("reason") or "").removeprefix("not measured — ") or "the run predates the energy meter"
+            reasons.setdefault(why, []).append(r.rid)
     measured = any(decode_tokens_per_joule(r) for r in rows)
     text = ("AI per watt: decode tokens per joule from the hardware's energy counters over the decode trials, and "
             "MMLU points per kJ per question (docs/energy.md)." if measured else
             "AI per watt: no run on this page had a readable energy counter, so no energy figure is shown "
             "(none is estimated).")
-    return text + ("" if not reasons else " Not measured in: " + "; ".join(reasons) + ".") + "\n"
+    why = "; ".join(f"{', '.join(rids)}: {reason}" for reason, rids in sorted(reasons.items()))
+    return text + (f" Why not: {why}." if why else "") + "\n"
 
 
 def render_comparison(runs: list[ReportRun], rows: list[ModelRow], chart_parts: list[str], page_dir: Path) -> str:

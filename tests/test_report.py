@@ -169,7 +169,7 @@ def test_report_from_a_fresh_run_is_deterministic_png_included(tmp_path, tiny_mo
     text = first.read_text()
     label = Path(str(tiny_models["llama"])).name
     assert f"**{label}**" in text and "Fastest decode on" in text and "speed R1" in text
-    assert "No finetune_demo.py results found." in text and "No speculative_demo.py results found." in text
+    assert "No run of the README's command" in text and "No speculative_demo.py results found." in text
 
 
 def test_report_without_results_says_what_to_do(tmp_path, capsys):
@@ -344,3 +344,14 @@ def test_reference_row_is_full_precision_else_the_de_quantized_gguf():
     unscored = row("transformers", "fp32", source="hub", dtype="fp32")
     unscored.mmlu = {}
     assert comparison.reference_row([llama_cpp, unscored]) is llama_cpp
+
+
+def test_runs_on_fewer_threads_than_cores_are_their_own_hardware_rows():
+    run = comparison.ReportRun("R1", Path("r.json"), {"environment": {"cpu": {"cores_logical": 8}}}, "benchmark")
+    entry = lambda **kw: ModelResult(name="m", model="m", device="cpu", device_name="Xeon", **kw)  # noqa: E731
+    assert comparison.hardware_label(entry(threads=2), run) == "Xeon (cpu, 2 threads)"
+    assert comparison.hardware_label(entry(threads=1), run) == "Xeon (cpu, 1 thread)"
+    assert comparison.hardware_label(entry(threads=8), run) == "Xeon (cpu)"  # every core: the machine itself
+    assert comparison.hardware_label(entry(), run) == "Xeon (cpu)"  # files from before threads were recorded
+    gpu = ModelResult(name="m", model="m", device="cuda", device_name="H200", threads=1)
+    assert comparison.hardware_label(gpu, run) == "H200 (cuda)"
