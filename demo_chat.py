@@ -1,13 +1,16 @@
 """Streaming chat with one model, or side-by-side comparison (a small arena) of several.
 
     python demo_chat.py --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --system "Be concise."
+    python demo_chat.py --compare ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf@llama.cpp \
+        ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf@transformers --temperature 0
     python demo_chat.py --compare tinyllama qwen2.5-1.5b --temperature 0 --prompt "What is the capital of France?"
     printf 'Name three rivers.\\n/reset\\nWhat is 2+2?\\n' | python demo_chat.py --model pythia-1b --max-new-tokens 64
 
 Interactive: tokens stream as they are generated and a footer follows each reply
 (`N tokens · X tok/s · TTFT Y ms · peak Z GB`). Type /help for the commands; Ctrl+C stops a reply,
 Ctrl+C at the prompt or Ctrl+D exits. With --compare every message goes to each model, replies are
-shown in columns, and your votes build `<output-dir>/arena.json` + `arena.md` (wins, Elo).
+shown in columns, and your votes build `<output-dir>/arena.json` + `arena.md` (wins, Elo); `MODEL@ENGINE`
+puts one model on a given engine, so the same GGUF can run through llama.cpp and transformers side by side.
 Non-interactive (--prompt, --prompts-file, or prompts piped on stdin): answers, prints, and writes
 the transcript to `<output-dir>/demo_chat-<time>.json` + `.md`.
 """
@@ -15,7 +18,10 @@ the transcript to `<output-dir>/demo_chat-<time>.json` + `.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import warnings
 import shutil
 import string
 import sys
@@ -28,13 +34,14 @@ from typing import Callable, Iterator
 import torch
 from tabulate import tabulate
 
+import energy
+import engines
 import models
 import results_io
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
-DEFAULT_CONTEXT_TOKENS = 2048  # when neither the model config nor the registry states one
 ESTIMATE_CONTEXT_TOKENS = 2048  # KV-cache length assumed by the --compare memory check
 SIDE_BY_SIDE_MIN_WIDTH = 100  # narrower terminals show compared replies one after another
 COLUMN_GAP = " │ "
@@ -48,7 +55,6 @@ CONTINUATION = "... "
 MULTILINE_QUOTE = '"""'
 # Tokens that end an assistant turn in common chat templates; stopping on them as well as on the
 # configured EOS keeps a model from writing the user's next turn.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 HELP = """Commands:
   /help               this text
@@ -87,35 +93,6 @@ class GenerationChunk:
     finish_reason: str | None = None  # None while streaming, then "stop" or "length"
 
 
-def sample_next(logits: torch.Tensor, settings: GenerationSettings,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (batch,) from logits (batch, vocab): greedy at temperature 0, else nucleus."""
-    if settings.temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does
-        sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA; driver memory on MPS; peak process RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**30
-    try:
-        import resource
-    except ImportError:  # Windows: no peak figure, the current RSS is the closest
-        import psutil
-        return psutil.Process().memory_info().rss / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest end of `text` that could still grow into a stop string."""
     longest = 0
@@ -133,26 +110,21 @@ def find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-@torch.inference_mode()
-def stream_generate(model, tokenizer, prompt_ids: list[int], settings: GenerationSettings, *,
-                    stops: list[str] = (), eos_ids: set[int] = frozenset(),
+def stream_generate(engine, prompt_ids: list[int], settings: GenerationSettings, *, stops: list[str] = (),
                     generator: torch.Generator | None = None) -> Iterator[GenerationChunk]:
-    """Prefill the prompt, then decode one token at a time over the KV cache, yielding text pieces.
+    """Stream a reply through the engine's decode loop, yielding text pieces with running measurements.
 
     Stops at an EOS/end-of-turn id, at a stop string (cut from the text, never shown), or after
     settings.max_new_tokens tokens. The last chunk carries finish_reason.
     """
-    device = model.device
+    device = engine.device
     stops = list(stops)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    token = sample_next(out.logits[:, -1, :], settings, generator)  # (1,)
     generated: list[int] = []
     text = ""  # the decoded reply so far
     sent = 0  # characters of `text` already yielded
+    start = time.perf_counter()
     first = None  # clock at the first sampled token
     sampled = 0
 
@@ -162,18 +134,17 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], settings: Generatio
         decode_s = now - first
         return GenerationChunk(piece, len(prompt_ids), len(generated), len(prompt_ids) / max(ttft, 1e-9),
                                (sampled - 1) / decode_s if sampled > 1 and decode_s > 0 else 0.0,
-                               ttft, peak_memory_gb(device), finish)
+                               ttft, models.peak_memory_bytes(device) / 1e9, finish)
 
-    while True:
-        token_id = int(token.item())  # .item() waits for the device, so the clock reads finished work
+    sampling = engines.Sampling(settings.temperature, settings.top_p)
+    for step in engines.stream(engine, prompt_ids, settings.max_new_tokens, sampling, generator=generator):
         sampled += 1
-        if first is None:
-            first = time.perf_counter()
-        if token_id in eos_ids:  # what was held back for a possible stop string is not one: show it
+        first = first or step.time
+        if step.token in engine.eos_ids:  # what was held back for a possible stop string is not one: show it
             yield chunk(text[sent:], "stop")
             return
-        generated.append(token_id)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
+        generated.append(step.token)
+        text = engine.decode(generated)
         cut = find_stop(text, stops)
         if cut is not None:
             yield chunk(text[sent:cut] if cut > sent else "", "stop")
@@ -187,9 +158,38 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], settings: Generatio
         if safe > sent:
             yield chunk(text[sent:safe])
             sent = safe
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        token = sample_next(out.logits[:, -1, :], settings, generator)
+
+
+@contextlib.contextmanager
+def held_warnings(notices: list[str]):
+    """Nothing but the reply is printed inside a streamed reply: warnings and transformers log lines
+    raised while it streams are collected into `notices`, to be shown after the footer (also when
+    Ctrl+C ends the reply). The library's logger is left as it was: its handlers, and propagation,
+    which transformers turns off so that a configured root logger does not print each line twice."""
+    from transformers.utils import logging as hf_logging
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notices.append(record.getMessage())
+    library = hf_logging.get_logger("transformers")  # configured by transformers first, so what is saved stays valid
+    saved, propagate = library.handlers[:], library.propagate
+    collect = Collect(logging.WARNING)
+    for h in saved:
+        library.removeHandler(h)
+    library.addHandler(collect)
+    library.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                notices.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        library.removeHandler(collect)
+        for h in saved:
+            library.addHandler(h)
+        library.propagate = propagate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,13 +205,19 @@ class Reply:
     finish_reason: str  # "stop", "length" or "interrupted"
     last: GenerationChunk | None = None  # None when interrupted before the first token
     dropped_turns: int = 0  # oldest user/assistant pairs dropped to fit this reply in the context
-    device_type: str = "cpu"  # says what the peak memory figure measures (see peak_memory_gb)
+    device_type: str = "cpu"  # says what the peak memory figure measures (models.peak_memory_bytes)
+    notices: list[str] = field(default_factory=list)  # warnings raised while it streamed, shown after it
+    energy: dict | None = None  # energy.EnergyReading.summary per generated token, where a counter exists
 
     def stats(self) -> dict:
         if self.last is None:
             return {"generation_tokens": 0}
         stats = asdict(self.last)
         del stats["text"], stats["finish_reason"]
+        if self.notices:
+            stats["notices"] = self.notices
+        if self.energy:
+            stats["energy"] = self.energy
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
 
 
@@ -220,56 +226,33 @@ class Chat:
     """One model's side of the conversation. The system prompt lives apart from `messages`, so
     truncation and /reset never drop it."""
 
-    loaded: models.Loaded
+    engine: engines.Engine
     label: str
-    context_tokens: int
-    eos_ids: set[int]
-    stops: list[str]
     system: str | None = None
+    meter: energy.EnergyMeter = field(default_factory=lambda: energy.EnergyMeter([], "no meter"))
     messages: list[dict] = field(default_factory=list)  # alternating user / assistant
     replies: list[Reply] = field(default_factory=list)  # every reply of the session, for /stats
 
     @property
     def is_base_model(self) -> bool:
-        return models.uses_fallback_template(self.loaded.tokenizer)
+        return self.engine.is_base_model
+
+    @property
+    def context_tokens(self) -> int:
+        return self.engine.context_length
+
+    @property
+    def stops(self) -> list[str]:
+        return self.engine.stop_strings
 
     def conversation(self, messages: list[dict] | None = None) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + (self.messages if messages is None else messages)
 
 
-def context_length(loaded: models.Loaded) -> int:
-    """Positions the model can attend to: config.max_position_embeddings, else the registry's."""
-    n = getattr(loaded.model.config, "max_position_embeddings", None)
-    if n:
-        return int(n)
-    spec = loaded.resolved.spec
-    return spec.context if spec is not None else DEFAULT_CONTEXT_TOKENS
-
-
-def eos_token_ids(loaded: models.Loaded) -> set[int]:
-    """Ids that end a reply: the generation config's EOS, the tokenizer's, and end-of-turn tokens."""
-    ids: set[int] = set()
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    ids.add(loaded.tokenizer.eos_token_id)
-    vocab = loaded.tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    ids.discard(None)
-    return ids
-
-
-def make_chat(loaded: models.Loaded, system: str | None = None) -> Chat:
-    label = loaded.label + (f"@{loaded.quantize}" if loaded.quantize != "none" else "")
-    return Chat(loaded, label, context_length(loaded), eos_token_ids(loaded),
-                models.stop_strings(loaded.tokenizer), system)
-
-
-def encode_conversation(tokenizer, conversation: list[dict]) -> list[int]:
-    """Token ids of the conversation through the chat template, ending with the assistant's cue."""
-    enc = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)
-    return list(enc["input_ids"])
+def make_chat(engine: engines.Engine, system: str | None = None) -> Chat:
+    quantize = engine.context().get("quantize", "none")
+    return Chat(engine, engine.label + (f"@{quantize}" if quantize != "none" else ""), system)
 
 
 @dataclass
@@ -287,11 +270,11 @@ def fit_in_context(chat: Chat, user_text: str, max_new_tokens: int) -> Fit:
     room, the reply budget shrinks; with no room at all, it raises UserError."""
     messages = chat.messages + [{"role": "user", "content": user_text}]
     dropped = 0
-    ids = encode_conversation(chat.loaded.tokenizer, chat.conversation(messages))
+    ids = chat.engine.chat_ids(chat.conversation(messages))
     while len(ids) + max_new_tokens > chat.context_tokens and len(messages) > 1:
         messages = messages[2:]
         dropped += 1
-        ids = encode_conversation(chat.loaded.tokenizer, chat.conversation(messages))
+        ids = chat.engine.chat_ids(chat.conversation(messages))
     room = chat.context_tokens - len(ids)
     if room < 1:
         raise models.UserError(f"this message is {len(ids)} tokens with the system prompt, but {chat.label} "
@@ -312,23 +295,26 @@ def record_reply(chat: Chat, reply: Reply) -> None:
 
 def generate_reply(chat: Chat, user_text: str, settings: GenerationSettings, seed: int,
                    on_chunk: Callable[[GenerationChunk], None]) -> Reply:
-    """Fit the context, stream the reply through `on_chunk`, record it. Ctrl+C ends it early."""
+    """Fit the context, stream the reply through `on_chunk`, record it. Ctrl+C ends it early.
+    Warnings raised while it streams go to `reply.notices`, never into the reply's text."""
     fit = fit_in_context(chat, user_text, settings.max_new_tokens)
     budget = GenerationSettings(settings.temperature, settings.top_p, fit.max_new_tokens)
-    generator = torch.Generator(device=chat.loaded.model.device).manual_seed(seed)
-    text, last, finish = "", None, "interrupted"
-    stream = stream_generate(chat.loaded.model, chat.loaded.tokenizer, fit.prompt_ids, budget,
-                             stops=chat.stops, eos_ids=chat.eos_ids, generator=generator)
+    generator = torch.Generator(device=chat.engine.device).manual_seed(seed)
+    text, last, finish, notices = "", None, "interrupted", []
+    stream = stream_generate(chat.engine, fit.prompt_ids, budget, stops=chat.stops, generator=generator)
     try:
-        for piece in stream:
-            text, last = text + piece.text, piece
-            on_chunk(piece)
+        with held_warnings(notices), chat.meter.window() as joules:  # the whole reply: prefill and decode
+            for piece in stream:
+                text, last = text + piece.text, piece
+                on_chunk(piece)
         finish = last.finish_reason
     except KeyboardInterrupt:
         pass
     finally:
         stream.close()
-    reply = Reply(chat.label, text, finish, last, fit.dropped_turns, chat.loaded.model.device.type)
+    reply = Reply(chat.label, text, finish, last, fit.dropped_turns, chat.engine.device.type, notices,
+                  joules.reading.summary(last.generation_tokens) if joules.reading and last and
+                  last.generation_tokens else None)
     record_reply(chat, reply)
     return reply
 
@@ -346,6 +332,8 @@ def format_footer(reply: Reply) -> str:
     memory = "peak RSS" if reply.device_type == "cpu" else "peak"
     parts = [f"{c.generation_tokens} tokens", f"{c.generation_tps:.1f} tok/s", f"TTFT {c.ttft_s * 1000:.0f} ms",
              f"{memory} {c.peak_memory_gb:.2f} GB"]
+    if reply.energy and reply.energy["total_j"] > 0:  # a window shorter than the counter's update shows nothing
+        parts.append(f"{reply.energy['per_unit']['j_per_unit']:.3g} J/tok")
     if reply.finish_reason == "length":
         parts.append("stopped at max_new_tokens")
     elif reply.finish_reason == "interrupted":
@@ -588,10 +576,18 @@ def record_vote(output_dir: str | Path, replies: list[Reply], choice: str | int,
 # Memory check before loading several models
 # ----------------------------------------------------------------------------------------------
 
-def estimate_model_bytes(name: str, device: torch.device, dtype: torch.dtype, quantize: str) -> int | None:
-    """Registry models: models.estimate_memory_bytes. Local dirs and .gguf: parameters counted on the
-    meta device from their config (nothing allocated). None when the config cannot be read offline."""
+def estimate_model_bytes(name: str, engine: str, device: torch.device, dtype: torch.dtype,
+                         quantize: str) -> int | None:
+    """Registry models: models.estimate_memory_bytes. A .gguf on llama.cpp: the file, which it maps as
+    is, plus a tenth for its KV cache and buffers. Local dirs and .gguf on transformers: parameters
+    counted on the meta device from their config (nothing allocated). None when the config cannot be
+    read offline."""
     resolved = models.resolve(name)
+    if engine == "llama.cpp":  # the mapped file, plus an f16 KV cache of the context it allocates
+        spec = models.spec_of(resolved.gguf_file)
+        kv = (models.kv_cache_bytes_per_token(models.twin_config(spec), torch.float16) * min(4096, spec.context)
+              if spec else 0.1 * models.disk_bytes(resolved))
+        return int(models.disk_bytes(resolved) + kv)
     if resolved.spec is not None:
         return models.estimate_memory_bytes(resolved.spec, dtype, quantize, ESTIMATE_CONTEXT_TOKENS)
     if resolved.source == "hub":
@@ -616,16 +612,17 @@ def available_memory_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_memory(names: list[str], args) -> str:
-    """Estimate what the models need together; a summary line, or UserError if they will not fit."""
+def check_memory(targets: list[tuple[str, str]], args) -> str:
+    """Estimate what the (model, engine) pairs need together; a summary line, or UserError if they
+    will not fit."""
     device = models.pick_device(args.device)
     dtype = models.pick_dtype(device, args.dtype)
-    estimates = {name: estimate_model_bytes(name, device, dtype, args.quantize) for name in names}
-    known = sum(v for v in estimates.values() if v is not None)
+    estimates = [(name, estimate_model_bytes(name, engine, device, dtype, args.quantize)) for name, engine in targets]
+    known = sum(v for _, v in estimates if v is not None)
     free = available_memory_bytes(device)
     detail = ", ".join(f"{models.resolve(n).label} ~{v / 2**30:.2f} GB" if v is not None
-                       else f"{models.resolve(n).label} unknown" for n, v in estimates.items())
-    summary = (f"memory: the {len(names)} models need about {known / 2**30:.2f} GB ({detail}); "
+                       else f"{models.resolve(n).label} unknown" for n, v in estimates)
+    summary = (f"memory: the {len(targets)} models need about {known / 2**30:.2f} GB ({detail}); "
                f"{free / 2**30:.1f} GB is free on {device.type}")
     if known > free and not args.skip_memory_check:
         raise models.UserError(f"{summary}: they will not fit together. Compare fewer or smaller models, add "
@@ -657,8 +654,10 @@ def session_totals(chat: Chat) -> dict:
     measured = [r.last for r in chat.replies if r.last is not None]
     decode = [c.generation_tps for c in measured if c.generation_tokens > 1]
     ttft_ms = [c.ttft_s * 1000 for c in measured]
+    joules = [r.energy["per_unit"]["j_per_unit"] for r in chat.replies if r.energy]
     return {"model": chat.label, "replies": len(chat.replies),
             "tokens": sum(c.generation_tokens for c in measured),
+            "j_per_token": results_io.mean_std(joules) if joules else None,
             "decode_tps": results_io.mean_std(decode) if decode else None,
             "ttft_ms": results_io.mean_std(ttft_ms) if ttft_ms else None,
             "peak_memory_gb": round(max((c.peak_memory_gb for c in measured), default=0.0), 3),
@@ -670,19 +669,22 @@ def format_totals(totals: dict) -> list:
     def spread(pair, digits):
         return "n/a" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
     return [totals["model"], totals["replies"], totals["tokens"], spread(totals["decode_tps"], 1),
-            spread(totals["ttft_ms"], 0), f"{totals['peak_memory_gb']:.2f}", totals["dropped_turns"]]
+            spread(totals["ttft_ms"], 0), f"{totals['peak_memory_gb']:.2f}",
+            spread(totals.get("j_per_token"), 3) if totals.get("j_per_token") else "not measured",
+            totals["dropped_turns"]]
 
 
-TOTALS_HEADERS = ["Model", "Replies", "Tokens", "Decode tok/s", "TTFT ms", "Peak GB", "Dropped turns"]
+TOTALS_HEADERS = ["Model", "Replies", "Tokens", "Decode tok/s", "TTFT ms", "Peak GB", "J/tok", "Dropped turns"]
 TOTALS_NOTE = ("tok/s and TTFT: mean ± std over replies; decode tok/s counts tokens after the first; "
-               "peak GB: torch's peak allocation on CUDA, the whole process's peak RSS on CPU.")
+               "peak GB: torch's peak allocation on CUDA, the whole process's peak RSS on CPU; J/tok: the "
+               "energy counters over each whole reply (prompt and decode) per generated token.")
 
 
 def transcript_data(session: Session) -> dict:
     return {
         "script": "demo_chat",
         "mode": "compare" if session.compare else "chat",
-        "models": [dict(c.loaded.context(), label=c.label, context_tokens=c.context_tokens,
+        "models": [dict(c.engine.context(), label=c.label, context_tokens=c.context_tokens,
                         instruction_tuned=not c.is_base_model) for c in session.chats],
         "settings": dict(asdict(session.settings), seed=session.args.seed, system=session.args.system),
         "rounds": session.rounds,
@@ -694,13 +696,17 @@ def transcript_data(session: Session) -> dict:
 def transcript_markdown(data: dict) -> str:
     lines = [f"# demo_chat transcript ({data['mode']})", ""]
     lines.append(results_io.markdown_table(
-        ["Model", "Source", "Device", "Dtype", "Quantize", "Context", "Instruction-tuned", "Load s"],
-        [[m["label"], m["source"], m["device_name"], m["dtype"], m["quantize"], m["context_tokens"],
+        ["Model", "Engine", "Source", "Device", "Weights", "Context", "Instruction-tuned", "Load s"],
+        [[m["label"], m.get("engine", "transformers"), m["source"], m["device_name"], m.get("weights", m["dtype"]),
+          m["context_tokens"],
           "yes" if m["instruction_tuned"] else "no (plain User:/Assistant: template)", m["load_seconds"]]
          for m in data["models"]]))
     s = data["settings"]
     lines += [f"Settings: temperature {s['temperature']}, top_p {s['top_p']}, max_new_tokens "
               f"{s['max_new_tokens']}, seed {s['seed']}, system prompt: {s['system']!r}.", ""]
+    meter = data["environment"].get("energy") or {}
+    lines += [f"Energy: {meter['counter']}, J/tok per reply in each footer." if meter.get("available")
+              else f"Energy: {meter.get('reason') or 'not measured'}.", ""]
     for r in data["rounds"]:
         lines += [f"## Round {r['index']}", "", f"**User:** {r['prompt']}", ""]
         for reply in r["replies"]:
@@ -749,6 +755,8 @@ def run_round(session: Session, prompt: str) -> list[Reply]:
                 notice(f"{chat.label}: dropped the {reply.dropped_turns} oldest turn(s) to fit its "
                        f"{chat.context_tokens}-token context")
             print(dim(format_footer(reply)), flush=True)
+            for text in dict.fromkeys(reply.notices):
+                notice(f"{chat.label}: {text}")
         elif sys.stdout.isatty():
             print("\r\033[K", end="", flush=True)
         replies.append(reply)
@@ -761,6 +769,9 @@ def run_round(session: Session, prompt: str) -> list[Reply]:
             if reply.dropped_turns:
                 notice(f"{reply.model}: dropped the {reply.dropped_turns} oldest turn(s) to fit its context")
         print(render_replies(replies, width), flush=True)
+        for reply in replies:
+            for text in dict.fromkeys(reply.notices):
+                notice(f"{reply.model}: {text}")
     session.rounds.append({"index": len(session.rounds) + 1, "prompt": prompt, "system": session.args.system,
                            "settings": asdict(session.settings),
                            "dropped_turns": max((r.dropped_turns for r in replies), default=0),
@@ -793,7 +804,7 @@ def ask_vote(session: Session, replies: list[Reply], prompt: str, read_line: Cal
         print(f"type a letter from a to {letter(len(replies) - 1)}, t or s")
     if choice == "skip":
         return
-    contexts = {c.label: c.loaded.context() for c in session.chats}
+    contexts = {c.label: c.engine.context() for c in session.chats}
     data = record_vote(session.args.output_dir, replies, choice, prompt, contexts)
     board = ", ".join(f"{r['model']} {r['wins']}W/{r['losses']}L/{r['ties']}T"
                       + (f" Elo {r['elo']:.0f}" if r["elo"] is not None else "") for r in data["leaderboard"])
@@ -922,8 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=title, epilog="examples:\n" + examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_common_args(parser)
-    parser.add_argument("--compare", nargs="+", metavar="MODEL",
-                        help="chat with two or more models at once (replaces --model) and vote on replies")
+    engines.add_engine_args(parser)
+    parser.add_argument("--compare", nargs="+", metavar="MODEL[@ENGINE]",
+                        help="chat with two or more models at once (replaces --model) and vote on replies; "
+                             "MODEL@llama.cpp or MODEL@transformers picks the engine for that one")
     parser.add_argument("--system", default=None, help="system prompt (default: the model's own, if any)")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                         help=f"0 = greedy (default: {DEFAULT_TEMPERATURE})")
@@ -952,30 +965,52 @@ def validate_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--compare needs at least two models (use --model for one)")
 
 
+def split_engine(name: str, default: str | None) -> tuple[str, str | None]:
+    """'model.gguf@llama.cpp' -> ('model.gguf', 'llama.cpp'); without a known engine suffix, the default."""
+    head, sep, tail = name.rpartition("@")
+    return (head, tail) if sep and tail in engines.ENGINES else (name, default)
+
+
 def load_chats(args) -> list[Chat]:
-    """Load every model once; check first that several fit in memory together."""
+    """Load every model once; check first that each can be had and that several fit in memory together."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the chat prints its own one-line load summary
-    names = args.compare or [args.model]
-    for name in names:  # every name is checked before the first (slow) load
-        models.resolve(name)
-    if len(names) > 1:
-        notice(check_memory(names, args))
+    targets = []
+    models.require_available([split_engine(item, None)[0] for item in args.compare or [args.model]],
+                             args.revision, args.cache_dir)
+    for item in args.compare or [args.model]:  # every name is checked before the first (slow) load
+        name, engine = split_engine(item, args.engine)
+        resolved = models.resolve(name)
+        engine = engine or engines.default_engine(resolved)
+        engines.check_engine(engine, resolved)
+        targets.append((name, engine))
+    if len(targets) > 1:
+        notice(check_memory(targets, args))
     chats = []
-    for name in names:
-        print(f"Loading {name} …", flush=True)
-        loaded = models.load_from_args(args, name)
-        chat = make_chat(loaded, args.system)
-        print(f"Loaded {chat.label} in {loaded.load_seconds:.1f} s ({models.device_name(loaded.device)}, "
-              f"{models.dtype_name(loaded.dtype)}, {chat.context_tokens}-token context)", flush=True)
+    for name, engine_name in targets:
+        print(f"Loading {name} ({engine_name}) …", flush=True)
+        engine = engines.load_from_args(args, name, engine=engine_name)
+        chat = make_chat(engine, args.system)
+        context = engine.context()
+        print(f"Loaded {chat.label} in {engine.load_seconds:.1f} s ({engine.name}, {context['device_name']}, "
+              f"{context['weights']}, {chat.context_tokens}-token context)", flush=True)
         if chat.is_base_model:
             notice(f"{chat.label} is a base model, not instruction-tuned: it is prompted with a plain "
                    "'User: … Assistant:' template, may ramble, and each reply stops where it starts "
                    "a new 'User:' turn")
         chats.append(chat)
+    meter = energy.EnergyMeter.detect(chats[0].engine.device)
+    notice(meter.status_line())
+    for chat in chats:
+        chat.meter = meter
+    labels = [c.label for c in chats]
+    for chat in chats:  # the same model on two engines: name the engine
+        if labels.count(chat.label) > 1:
+            chat.label += f" ({chat.engine.name})"
     labels = [c.label for c in chats]
     if len(set(labels)) < len(labels):
-        raise models.UserError(f"--compare got the same model twice ({', '.join(labels)}): give different models.")
+        raise models.UserError(f"--compare got the same model twice ({', '.join(labels)}): give different models "
+                               "or engines.")
     return chats
 
 
@@ -987,7 +1022,8 @@ def main(argv=None) -> int:
     interactive = not (args.prompt or args.prompts_file) and sys.stdin.isatty()
     chats = load_chats(args)
     settings = GenerationSettings(args.temperature, args.top_p, args.max_new_tokens)
-    session = Session(chats, settings, args, results_io.environment(chats[0].loaded.device, args.seed))
+    session = Session(chats, settings, args, {**results_io.environment(chats[0].engine.device, args.seed),
+                                              "energy": chats[0].meter.describe()})
     if interactive:
         run_interactive(session)
     else:

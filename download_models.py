@@ -356,6 +356,10 @@ def main(argv=None) -> int:
     if args.list:
         print_registry(args.cache_dir)
         return 0
+    if models.hub_unreachable():  # one second, no retries: nothing can be planned without the Hub
+        raise models.UserError(f"cannot reach the Hugging Face Hub ({models.hub_unreachable()}): nothing was "
+                               "downloaded. Connect and run again; models already in the cache work offline "
+                               "with HF_HUB_OFFLINE=1.")
     from huggingface_hub import HfApi
     plans, outcomes = plan_all(HfApi(), args)
     print_plan(plans)

@@ -102,6 +102,23 @@ class EnergyReading:
         return {**asdict(self), "total_j": self.total_j, "above_idle_j": self.above_idle_j,
                 "above_idle_joules": self.above_idle_joules, "avg_watts": self.avg_watts}
 
+    @classmethod
+    def combine(cls, readings: list["EnergyReading | None"]) -> "EnergyReading | None":
+        """Several windows of the same kind of work (a phase's repetitions) as one: joules and seconds
+        add up; None when any window has no reading (no counter)."""
+        if not readings or any(r is None for r in readings):
+            return None
+        joules: dict[str, float] = {}
+        for r in readings:
+            for domain, j in r.joules.items():
+                joules[domain] = joules.get(domain, 0.0) + j
+        first = readings[0]
+        return cls(sum(r.seconds for r in readings), joules, first.idle_watts, first.counter, first.resolution_j)
+
+    def summary(self, units: float, unit: str = "token") -> dict:
+        """What a result records: the reading and its per-unit figures."""
+        return {**self.as_dict(), "per_unit": self.per_unit(units, unit)}
+
 
 def per_unit_text(reading: EnergyReading | None, units: float, unit: str = "tok") -> str:
     """'0.412 J/tok' ('0.412 J/tok (0.118 above idle)' once idle is known) for a footer; '' without

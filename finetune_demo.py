@@ -1,20 +1,27 @@
-"""LoRA fine-tuning that visibly changes a model in minutes, measured before and after.
+"""LoRA fine-tuning that visibly changes a model in minutes, measured before, during and after.
 
-    python finetune_demo.py --model smollm2-135m --epochs 3
-    python finetune_demo.py --model tinyllama --epochs 3 --lora-targets all-linear --merge
+    python finetune_demo.py --model smollm2-135m
+    python finetune_demo.py --model qwen2.5-1.5b --until-format 0.9 --merge
+    python finetune_demo.py --show-defaults
     python finetune_demo.py --adapter results/finetune-20261123-070000/adapter
 
 The built-in dataset (data/finetune_json_answers.jsonl, written for this project) teaches one
 behaviour code can check: answer every question with one line of JSON,
 `{"answer": "...", "confidence": 0.9}`. The held-out prompts are answered greedily before and after
 training; the share of valid JSON answers, the held-out loss and token accuracy (response tokens
-only) are compared. Training goes through PEFT LoRA and TRL's SFTTrainer, with padding-free batches
-(every sequence of a batch concatenated, position ids restarting per sequence, so no compute is
-spent on pad tokens). Runs unchanged under `accelerate launch finetune_demo.py ...` on several GPUs.
+only) are compared. While training, a fixed subset of held-out prompts is answered every few steps,
+so the run shows the step where the behaviour appears (`--until-format` stops there). Training goes
+through PEFT LoRA and TRL's SFTTrainer, with padding-free batches (every sequence of a batch
+concatenated, position ids restarting per sequence, so no compute is spent on pad tokens). Runs
+unchanged under `accelerate launch finetune_demo.py ...` on several GPUs.
+
+Hyper-parameters the user does not give are chosen for the model (its size and whether it is
+instruction-tuned; `--show-defaults` prints them with the reason, without loading anything).
 
 Writes results/finetune-<timestamp>/: the adapter (adapter/, with finetune_config.json holding every
 argument, the base model id and revision, and the dataset's sha256), finetune_demo.json and .md
-(before/after answers, scores, loss curve, throughput, memory), and merged/ with --merge.
+(before/after answers, scores, format-vs-step and loss curves, throughput, memory, the dtypes the
+base and adapter trained in), and merged/ with --merge.
 """
 
 from __future__ import annotations
@@ -26,30 +33,43 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import energy
 import models
 import results_io
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = str(DATA_DIR / "finetune_json_answers.jsonl")
-DEFAULT_EPOCHS = 3.0
+DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_LORA_R = 8
 DEFAULT_LORA_ALPHA = 16
 DEFAULT_LORA_DROPOUT = 0.05
-DEFAULT_LEARNING_RATE = 2e-4
+# 4 examples per optimizer step, no accumulation: 43 updates per epoch of the 169 built-in training
+# examples. A short run learns from the number of updates; 4 x 4 gave 11 per epoch and too few in all.
 DEFAULT_BATCH_SIZE = 4
-DEFAULT_GRAD_ACCUM = 4
+DEFAULT_GRAD_ACCUM = 1
+# (parameters up to, LoRA learning rate): smaller models take larger steps. 1e-3 is measured on
+# SmolLM2-135M (docs/finetune.md); 2e-4 is the QLoRA paper's rate for 7B-13B models; 5e-4 between.
+LEARNING_RATE_BY_SIZE = ((500_000_000, 1e-3), (3_000_000_000, 5e-4), (math.inf, 2e-4))
+INSTRUCT_EPOCHS = 1.0  # an instruction-tuned model already answers in turns: only the format is new
+BASE_EPOCHS = 2.0  # a base model also learns the turn template and to stop after its answer
+CHECKPOINTING_MIN_PARAMS = 1_000_000_000  # recompute activations only for 1B-class models
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_EVAL_FRACTION = 0.15
 DEFAULT_MAX_NEW_TOKENS = 48
 DEFAULT_GEN_BATCH_SIZE = 8
 DEFAULT_LOGGING_STEPS = 1
+DEFAULT_IDLE_SECONDS = 3.0  # idle power before training, where an energy counter exists
+DEFAULT_WATCH_EVERY = 5  # optimizer steps between answers to the watched held-out prompts
+DEFAULT_WATCH_PROMPTS = 8  # held-out prompts answered at each watch point, spread over the split
+DEFAULT_FORMAT_TARGET = 0.9  # share of watched answers in the format: "the behaviour has appeared"
+SHOW_DEFAULTS_MODELS = (*models.DEFAULT_MODELS, DEFAULT_MODEL)
+DEFAULTED_ARGS = ("lora_r", "lora_alpha", "learning_rate", "batch_size", "grad_accum", "epochs")  # None: per model
 BATCHING_MODES = ("padding-free", "padded", "length-grouped")
 CHECKS = ("auto", "json-answer", "exact-match", "none")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
-CHECKPOINTING_MIN_PARAMS = 1_000_000_000  # "auto" recomputes activations only for 1B-class models
 CONFIG_NAME = "finetune_config.json"  # written inside the adapter directory
 ANSWERS_NAME = "heldout_answers.json"  # the "after" answers, beside the adapter, for --adapter checks
 
@@ -60,28 +80,28 @@ MODEL_TYPE_LORA_TARGETS = {
     "gemma2": models.LLAMA_LORA, "gemma3": models.LLAMA_LORA, "gemma3_text": models.LLAMA_LORA,
     "phi3": ("qkv_proj",), "gpt_neox": models.NEOX_LORA,
 }
+PER_MODEL = "per model, see --show-defaults"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=defaults_rule(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_common_args(parser)
     parser.set_defaults(model=None)  # None: smollm2-135m, or the model recorded with --adapter
     parser.add_argument("--dataset", default=None,
                         help="local .json/.jsonl (instruction/input/output or chat messages) or a hub "
                              "dataset id (default: the built-in data/finetune_json_answers.jsonl)")
-    parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"default: {DEFAULT_EPOCHS:g}")
+    parser.add_argument("--epochs", type=float, default=None, help=f"default: {PER_MODEL}")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                         help=f"truncate examples to this many tokens (default: {DEFAULT_MAX_LENGTH})")
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE,
-                        help=f"default: {DEFAULT_LEARNING_RATE:g}")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    parser.add_argument("--learning-rate", type=float, default=None, help=f"default: {PER_MODEL}")
+    parser.add_argument("--batch-size", type=int, default=None,
                         help=f"examples per device per micro-batch (default: {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--grad-accum", type=int, default=DEFAULT_GRAD_ACCUM,
+    parser.add_argument("--grad-accum", type=int, default=None,
                         help=f"micro-batches per optimizer step (default: {DEFAULT_GRAD_ACCUM})")
-    parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA_R, help=f"default: {DEFAULT_LORA_R}")
-    parser.add_argument("--lora-alpha", type=int, default=DEFAULT_LORA_ALPHA, help=f"default: {DEFAULT_LORA_ALPHA}")
+    parser.add_argument("--lora-r", type=int, default=None, help=f"default: {DEFAULT_LORA_R}")
+    parser.add_argument("--lora-alpha", type=int, default=None, help=f"default: {DEFAULT_LORA_ALPHA}")
     parser.add_argument("--lora-dropout", type=float, default=DEFAULT_LORA_DROPOUT,
                         help=f"default: {DEFAULT_LORA_DROPOUT}")
     parser.add_argument("--lora-targets", default=None,
@@ -103,20 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", default="auto", choices=CHECKS,
                         help="objective score of the answers (auto: json-answer for the built-in "
                              "dataset, exact-match otherwise)")
+    parser.add_argument("--watch-every", type=int, default=DEFAULT_WATCH_EVERY,
+                        help=f"answer {DEFAULT_WATCH_PROMPTS} held-out prompts every N optimizer steps while "
+                             f"training (default: {DEFAULT_WATCH_EVERY}; 0: off)")
+    parser.add_argument("--until-format", type=float, default=None, metavar="SHARE",
+                        help="stop training once this share of the watched answers is in the taught format, "
+                             f"e.g. {DEFAULT_FORMAT_TARGET} (default: train the whole schedule)")
     parser.add_argument("--merge", action="store_true", help="also write the merged model (base + LoRA)")
     parser.add_argument("--adapter", default=None,
                         help="reload a saved adapter and answer the held-out prompts (no training)")
+    parser.add_argument("--show-defaults", action="store_true",
+                        help="print the hyper-parameters chosen for --model (or for each default model) "
+                             "with the reason, and exit; loads and downloads nothing")
     return parser
 
 
 def validate_args(parser: argparse.ArgumentParser, args) -> None:
-    positive = ("epochs", "max_length", "learning_rate", "batch_size", "grad_accum", "lora_r", "lora_alpha")
+    positive = ("epochs", "learning_rate", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_steps",
+                "eval_limit", "max_new_tokens", "max_length")
     for name in positive:
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("max_steps", "eval_limit", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.watch_every < 0:
+        parser.error("--watch-every must be 0 (off) or a number of steps")
+    if args.until_format is not None:
+        if not 0 < args.until_format <= 1:
+            parser.error("--until-format is a share of answers: a number in (0, 1], e.g. 0.9")
+        if args.watch_every == 0:
+            parser.error("--until-format needs the watch: drop --watch-every 0")
+        if args.check not in ("auto", "json-answer"):
+            parser.error("--until-format scores the taught JSON format: use it with --check json-answer")
     if not 0 <= args.lora_dropout < 1:
         parser.error("--lora-dropout must be in [0, 1)")
     if not 0 < args.eval_fraction < 1:
@@ -126,6 +162,112 @@ def validate_args(parser: argparse.ArgumentParser, args) -> None:
     if args.merge and args.quantize != "none":
         parser.error("--merge needs full-precision base weights (merging into int4/int8 weights rounds the "
                      "update away): train with --quantize none, or keep the adapter separate")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-model defaults: what teaches the behaviour in minutes depends on the model's size and tuning
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingDefaults:
+    """Hyper-parameters chosen for one model, and why (one line)."""
+
+    params: int
+    instruct: bool
+    lora_r: int
+    lora_alpha: int
+    learning_rate: float
+    batch_size: int
+    grad_accum: int
+    epochs: float
+    lora_targets: list[str] | None  # None: decided from the loaded model's type
+    gradient_checkpointing: bool
+    reason: str
+
+
+def size_label(params: int) -> str:
+    return f"{params / 1e9:.3g}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
+
+
+def rate_label(learning_rate: float) -> str:
+    """1e-3, 5e-4: learning rates as people write them."""
+    text = f"{learning_rate:.0e}".replace("e-0", "e-")
+    return text if float(text) == learning_rate else f"{learning_rate:g}"
+
+
+def choose_defaults(params: int, instruct: bool, lora_targets=None) -> TrainingDefaults:
+    """The rule: learning rate by size, epochs by instruction tuning, checkpointing from 1B up."""
+    learning_rate = next(lr for limit, lr in LEARNING_RATE_BY_SIZE if params <= limit)
+    epochs = INSTRUCT_EPOCHS if instruct else BASE_EPOCHS
+    checkpointing = params >= CHECKPOINTING_MIN_PARAMS
+    size_reason = {1e-3: "small model, large LoRA steps (measured on SmolLM2-135M)",
+                   5e-4: "1B-class: half the small-model rate, a wider model moves further per step",
+                   2e-4: "large model: the QLoRA paper's rate for 7B-13B"}[learning_rate]
+    tuning_reason = ("instruction-tuned: it answers in turns already, only the format is new" if instruct
+                     else "base model: it also learns the turn template and to stop, so one more epoch")
+    memory_reason = ("1B+: activations recomputed to fit laptop memory" if checkpointing
+                     else "under 1B: activations fit, recomputing would only cost time")
+    reason = (f"lr {rate_label(learning_rate)}: {size_reason}; {epochs:g} epoch{'s' * (epochs != 1)}: "
+              f"{tuning_reason}; checkpointing {'on' if checkpointing else 'off'}: {memory_reason}")
+    return TrainingDefaults(params, instruct, DEFAULT_LORA_R, DEFAULT_LORA_ALPHA, learning_rate,
+                            DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, epochs,
+                            list(lora_targets) if lora_targets else None, checkpointing, reason)
+
+
+def defaults_for_spec(spec: models.ModelSpec) -> TrainingDefaults:
+    return choose_defaults(spec.params, spec.instruct, spec.lora_targets)
+
+
+def defaults_for_loaded(loaded: models.Loaded, name: str) -> TrainingDefaults:
+    """From the registry entry when the model has one (a GGUF or directory named after it counts),
+    else from the loaded weights: parameter count, and whether the tokenizer has a chat template."""
+    spec = loaded.resolved.spec or models.find_spec(name)
+    if spec is not None:
+        return defaults_for_spec(spec)
+    return choose_defaults(models.count_parameters(loaded.model), not models.uses_fallback_template(loaded.tokenizer),
+                           MODEL_TYPE_LORA_TARGETS.get(loaded.model.config.model_type))
+
+
+def apply_defaults(args, defaults: TrainingDefaults) -> list[str]:
+    """Fill the hyper-parameters the user left out; returns the names taken from `defaults`."""
+    taken = [name for name in DEFAULTED_ARGS if getattr(args, name) is None]
+    for name in taken:
+        setattr(args, name, getattr(defaults, name))
+    if args.gradient_checkpointing == "auto":
+        args.gradient_checkpointing = "on" if defaults.gradient_checkpointing else "off"
+        taken.append("gradient_checkpointing")
+    return taken
+
+
+def defaults_line(name: str, d: TrainingDefaults) -> str:
+    targets = ",".join(d.lora_targets) if d.lora_targets else "by model type"
+    return (f"{name:<14} {size_label(d.params):>6} {'instruct' if d.instruct else 'base':<8} r {d.lora_r} "
+            f"alpha {d.lora_alpha} lr {rate_label(d.learning_rate)} batch {d.batch_size}x{d.grad_accum} epochs "
+            f"{d.epochs:g} targets {targets} checkpointing {'on' if d.gradient_checkpointing else 'off'} | {d.reason}")
+
+
+def defaults_rule() -> str:
+    """The rule behind the per-model defaults, for --help (no model is looked at)."""
+    tiers = ", ".join(f"{rate_label(lr)} " + (f"up to {size_label(limit)}" if math.isfinite(limit) else "above")
+                      for limit, lr in LEARNING_RATE_BY_SIZE)
+    return (f"Per-model defaults (the flags above override them): LoRA r {DEFAULT_LORA_R}, alpha "
+            f"{DEFAULT_LORA_ALPHA}, batch {DEFAULT_BATCH_SIZE} x accumulation {DEFAULT_GRAD_ACCUM}; learning rate "
+            f"{tiers}; epochs: {INSTRUCT_EPOCHS:g} for instruction-tuned models, {BASE_EPOCHS:g} for "
+            f"base models; gradient checkpointing from {size_label(CHECKPOINTING_MIN_PARAMS)}. "
+            "`--show-defaults` prints them per model with the reason.")
+
+
+def show_defaults(name: str | None) -> int:
+    """One line per model: the registry entry's defaults (nothing is loaded or downloaded)."""
+    names = [name] if name else list(SHOW_DEFAULTS_MODELS)
+    for n in names:
+        spec = models.find_spec(n)
+        if spec is None:
+            print(f"{n}: not in the registry; its defaults are chosen after loading, from its parameter "
+                  "count and whether its tokenizer has a chat template")
+            continue
+        print(defaults_line(spec.key, defaults_for_spec(spec)))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,14 +475,9 @@ def answer_is_correct(text: str, reference: str, check: str) -> bool:
     return normalise(text) == normalise(reference)
 
 
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion, in percent."""
-    if n == 0:
-        return math.nan, math.nan
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return round(100 * max(0.0, centre - half), 1), round(100 * min(1.0, centre + half), 1)
+def interval_pct(hits: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of hits / n, in percent like the scores beside it."""
+    return tuple(round(100 * x, 1) for x in results_io.wilson_interval(hits, n))
 
 
 def score_answers(answers: list[str], references: list[str], check: str) -> dict:
@@ -350,10 +487,10 @@ def score_answers(answers: list[str], references: list[str], check: str) -> dict
     if check == "json-answer":
         valid = sum(check_json_answer(a) for a in answers)
         out.update(format_valid=valid, format_valid_pct=round(100 * valid / n, 1),
-                   format_valid_ci95=wilson_interval(valid, n))
+                   format_valid_ci95=interval_pct(valid, n))
     if check != "none":
         correct = sum(answer_is_correct(a, r, check) for a, r in zip(answers, references))
-        out.update(correct=correct, correct_pct=round(100 * correct / n, 1), correct_ci95=wilson_interval(correct, n))
+        out.update(correct=correct, correct_pct=round(100 * correct / n, 1), correct_ci95=interval_pct(correct, n))
     return out
 
 
@@ -415,12 +552,6 @@ def lora_config(args, targets):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def wants_checkpointing(args, model) -> bool:
-    if args.gradient_checkpointing != "auto":
-        return args.gradient_checkpointing == "on"
-    return models.count_parameters(model) >= CHECKPOINTING_MIN_PARAMS
-
-
 def sft_config(args, loaded: models.Loaded, out_dir: Path, checkpointing: bool):
     """TRL's SFTConfig for our run: loss on answer tokens only, no checkpoints, a log every step."""
     import torch
@@ -450,10 +581,11 @@ def prepare_for_kbit(args, model, checkpointing: bool):
 
 
 def make_trainer(args, loaded: models.Loaded, train_ds, eval_ds, out_dir: Path):
-    """SFTTrainer wrapping the base model with a fresh LoRA adapter."""
+    """SFTTrainer wrapping the base model with a fresh LoRA adapter (`args` after `apply_defaults`)."""
     from trl import SFTTrainer
+    assert all(getattr(args, name) is not None for name in DEFAULTED_ARGS), "apply_defaults(args, ...) first"
     targets = resolve_lora_targets(args.lora_targets, loaded)
-    checkpointing = wants_checkpointing(args, loaded.model)
+    checkpointing = args.gradient_checkpointing == "on"
     model = prepare_for_kbit(args, loaded.model, checkpointing)
     with models.translated_errors(loaded.label, loaded.device):
         return SFTTrainer(model=model, args=sft_config(args, loaded, out_dir, checkpointing),
@@ -464,6 +596,28 @@ def make_trainer(args, loaded: models.Loaded, train_ds, eval_ds, out_dir: Path):
 def trainable_parameters(model) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
     return {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)}
+
+
+def precision(trainer) -> dict:
+    """The dtypes training really uses, read from the parameters: frozen base weights, trainable
+    (LoRA) weights, and the autocast the Trainer wraps the forward pass in. PEFT upcasts bf16/fp16
+    adapters to fp32 (`autocast_adapter_dtype=True`, which SFTTrainer keeps outside DeepSpeed ZeRO-3),
+    so the optimizer updates fp32 weights while the base computes in bf16."""
+    def names(params) -> str:
+        return "/".join(sorted({models.dtype_name(p.dtype) for p in params})) or "none"
+    params = list(trainer.model.parameters())
+    autocast = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "none"
+    return {"base_dtype": names(p for p in params if not p.requires_grad),
+            "adapter_dtype": names(p for p in params if p.requires_grad), "autocast": autocast}
+
+
+def optimizer_state_dtype(trainer) -> str:
+    """dtype of AdamW's moment estimates after training (they follow the trainable weights)."""
+    import torch
+    states = trainer.optimizer.state.values() if trainer.optimizer is not None else []
+    found = {models.dtype_name(v.dtype) for state in states for v in state.values()
+             if torch.is_tensor(v) and v.dim() > 0}
+    return "/".join(sorted(found)) or "none"
 
 
 def evaluate_held_out(trainer, eval_ds) -> dict:
@@ -492,8 +646,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
             texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             extra = {"stop_strings": stops, "tokenizer": tokenizer} if stops else {}
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            with torch.no_grad():  # use_cache: the Trainer sets config.use_cache=False
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, **extra)
             for row in out[:, enc["input_ids"].shape[1]:]:
                 text = tokenizer.decode(row, skip_special_tokens=True)
@@ -503,6 +657,101 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# Watching the objective while training: a fixed held-out subset, answered every few steps
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class WatchPoint:
+    """The watched held-out answers at one optimizer step."""
+
+    step: int
+    format_valid: int | None  # None unless the check is json-answer
+    correct: int
+    n: int
+    source: str  # "before", "watch" (during training) or "after"
+    seconds: float = 0.0  # greedy answering time at this point, s (0: taken from the before/after answers)
+    elapsed_s: float = 0.0  # wall time from the start of training to this point, s (earlier watch points included)
+    training_s: float = 0.0  # the same without the earlier watch points' answering time, s
+
+    @property
+    def share(self) -> float:
+        """The score the watch follows: answers in the taught format, else correct answers."""
+        return (self.format_valid if self.format_valid is not None else self.correct) / self.n
+
+
+def watch_indices(n_held_out: int, n: int = DEFAULT_WATCH_PROMPTS) -> list[int]:
+    """`n` held-out positions spread evenly over the split, so the watched prompts mix the built-in
+    data's categories (spelling, arithmetic, passages, general knowledge, weekdays, ...)."""
+    if n_held_out <= n:
+        return list(range(n_held_out))
+    return [i * n_held_out // n for i in range(n)]
+
+
+class FormatWatch:
+    """Answers the watched prompts greedily with the current weights every `every` optimizer steps
+    (eval mode, no gradients, then back to training) and says when training may stop."""
+
+    def __init__(self, model, tokenizer, held_out: list[Example], check: str, args):
+        self.model, self.tokenizer, self.check = model, tokenizer, check
+        self.indices = watch_indices(len(held_out))
+        self.examples = [held_out[i] for i in self.indices]
+        self.every, self.max_new_tokens, self.target = args.watch_every, args.max_new_tokens, args.until_format
+        self.points: list[WatchPoint] = []
+        self.seconds = 0.0  # answering time inside trainer.train(), s: kept out of the training tokens/s
+        self.started = time.perf_counter()  # reset when training begins
+        self.stopped_at: int | None = None
+
+    def record(self, step: int, answers: list[str], source: str, seconds: float = 0.0,
+               elapsed: float = 0.0) -> WatchPoint:
+        score = score_answers(answers, [e.completion for e in self.examples], self.check)
+        point = WatchPoint(step, score.get("format_valid"), score.get("correct", 0), len(answers), source,
+                           round(seconds, 2), round(elapsed, 1), round(max(0.0, elapsed - self.seconds), 1))
+        self.points.append(point)
+        return point
+
+    def measure(self, step: int) -> bool:
+        """Answer the watched prompts now; True when the --until-format target is reached."""
+        start = time.perf_counter()
+        answers = generate_answers(self.model, self.tokenizer, [e.prompt for e in self.examples],
+                                   self.max_new_tokens)
+        self.model.train()
+        seconds = time.perf_counter() - start
+        point = self.record(step, answers, "watch", seconds, start - self.started)
+        self.seconds += seconds
+        what = "in the format" if point.format_valid is not None else "correct"
+        print(f"step {step}, {point.elapsed_s:.0f} s into training: {round(point.share * point.n)}/{point.n} "
+              f"watched answers {what} (answered in {seconds:.1f} s)", flush=True)
+        if self.target is not None and point.share >= self.target:
+            self.stopped_at = step
+            return True
+        return False
+
+    def summary(self) -> dict:
+        target = self.target if self.target is not None else DEFAULT_FORMAT_TARGET
+        reached = next((p for p in self.points if p.share >= target), None)
+        return {"every": self.every, "prompts": len(self.examples), "held_out_indices": self.indices,
+                "check": self.check, "until_format": self.target, "target": target,
+                "first_step_at_target": reached.step if reached else None,
+                "training_seconds_to_target": reached.training_s if reached else None,
+                "seconds_to_target": reached.elapsed_s if reached else None, "stopped_at": self.stopped_at,
+                "answering_seconds": round(self.seconds, 2), "curve": [asdict(p) for p in self.points]}
+
+
+def watch_callback(watch: FormatWatch):
+    """A TrainerCallback that runs the watch after every `watch.every`-th optimizer step."""
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            watch.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % watch.every == 0 and watch.measure(state.global_step):
+                control.should_training_stop = True
+    return Watch()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,20 +775,30 @@ def loss_curve(log_history: list[dict]) -> list[dict]:
             for e in log_history if "loss" in e and "step" in e]
 
 
-def train(trainer, device) -> dict:
-    """Run training; wall time, real (non-pad) tokens/s, steps, peak memory and the loss curve."""
+def train(trainer, device, watch: FormatWatch | None = None, meter: energy.EnergyMeter | None = None) -> dict:
+    """Run training; wall time, real (non-pad) tokens/s, steps, peak memory, the loss curve, and the
+    energy of the run per 1k trained tokens where a counter exists.
+
+    Tokens/s divides by the training time without the watch's answering time: what the watch costs
+    is reported on its own (`watch_seconds`) and the wall time still includes it (so does the energy)."""
+    meter = meter or energy.EnergyMeter([], "no meter given")
     models.synchronize(device)
     start = time.perf_counter()
-    with models.PeakMemory(device, interval=0.05) as memory:
+    with models.PeakMemory(device, interval=0.05) as memory, meter.window() as joules:
         output = trainer.train()
     models.synchronize(device)
     wall = time.perf_counter() - start
     curve = loss_curve(trainer.state.log_history)
     tokens = int(curve[-1]["num_tokens"]) if curve and curve[-1]["num_tokens"] else 0
+    watch_seconds = watch.seconds if watch is not None else 0.0
+    train_seconds = output.metrics["train_runtime"] - watch_seconds
     return {"wall_seconds": round(wall, 2), "train_runtime_s": round(output.metrics["train_runtime"], 2),
+            "watch_seconds": round(watch_seconds, 2), "training_seconds": round(train_seconds, 2),
             "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
-            "tokens": tokens, "tokens_per_second": round(tokens / output.metrics["train_runtime"], 1),
+            "tokens": tokens, "tokens_per_second": round(tokens / train_seconds, 1),
             "final_train_loss": curve[-1]["loss"] if curve else None,
+            "optimizer_state_dtype": optimizer_state_dtype(trainer),
+            "energy": joules.reading.summary(tokens / 1000, "1k trained tokens") if joules.reading and tokens else None,
             "memory": memory_summary(memory), "loss_curve": curve}
 
 
@@ -547,9 +806,12 @@ def train(trainer, device) -> dict:
 # Saving and reloading
 # ----------------------------------------------------------------------------------------------
 
-def resolved_config(args, loaded: models.Loaded, source: dict, targets, checkpointing: bool) -> dict:
-    """Everything needed to rebuild this run: arguments, base model and revision, dataset hash."""
+def resolved_config(args, loaded: models.Loaded, source: dict, targets, checkpointing: bool,
+                    defaults: TrainingDefaults, taken: list[str]) -> dict:
+    """Everything needed to rebuild this run: arguments, base model and revision, dataset hash, and
+    the per-model defaults with the arguments that came from them (the rest the user set)."""
     return {"arguments": {k: v for k, v in vars(args).items()},
+            "defaults": {**asdict(defaults), "taken": taken},
             "base_model": {"name": args.model, "hf_id": loaded.resolved.spec.hf_id if loaded.resolved.spec else None,
                            "path": loaded.resolved.path, "gguf_file": loaded.resolved.gguf_file,
                            "revision": loaded.revision, "model_type": loaded.model.config.model_type},
@@ -559,7 +821,9 @@ def resolved_config(args, loaded: models.Loaded, source: dict, targets, checkpoi
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, config: dict) -> None:
-    model.save_pretrained(adapter_dir)
+    # The vocabulary is never resized, so the base embeddings need no saving; "auto" would look the
+    # base model's path up on the Hugging Face Hub (and warn when it is a local GGUF directory).
+    model.save_pretrained(adapter_dir, save_embedding_layers=False)
     tokenizer.save_pretrained(adapter_dir)
     results_io.atomic_write_text(adapter_dir / CONFIG_NAME, results_io.to_json(config))
 
@@ -618,6 +882,74 @@ def score_rows(before: dict, after: dict) -> list[list]:
     return rows
 
 
+def energy_cell(joules: dict | None, meter: dict) -> str:
+    """'2,310 J = 4.2 J per 1k trained tokens (1.1 above idle), 25 W', or why it was not measured."""
+    if not joules:
+        return meter.get("reason") or "not measured"
+    per = joules["per_unit"]
+    above = f" ({per['above_idle_j_per_unit']:.3g} above idle)" if per["above_idle_j_per_unit"] is not None else ""
+    return (f"{joules['total_j']:,.0f} J = {per['j_per_unit']:.3g} J per 1k trained tokens{above}, "
+            f"{joules['avg_watts']:.1f} W ({joules['counter']})")
+
+
+def training_markdown(result: dict) -> list[str]:
+    """Settings and why, dtypes, time and memory; the format-vs-step curve; the loss curve."""
+    training, lora, config = result["training"], result["lora"], result["config"]
+    arguments, defaults, prec = config["arguments"], config["defaults"], result["precision"]
+    user_set = [name for name in (*DEFAULTED_ARGS, "gradient_checkpointing") if name not in defaults["taken"]]
+    lines = ["## Training", "", results_io.markdown_table(["", "value"], [
+        ["LoRA targets / r / alpha", f"{config['lora_targets']} / {arguments['lora_r']} / {arguments['lora_alpha']}"],
+        ["learning rate / batch x accumulation / epochs", f"{arguments['learning_rate']:g} / {arguments['batch_size']} "
+                                                          f"x {arguments['grad_accum']} / {arguments['epochs']:g}"],
+        ["defaults chosen for this model", defaults["reason"]],
+        ["set on the command line instead", ", ".join(user_set) or "nothing"],
+        ["trainable parameters", f"{lora['trainable']:,} of {lora['total']:,} ({lora['trainable_pct']}%)"],
+        ["base weights / LoRA weights / optimizer state dtype",
+         f"{prec['base_dtype']} / {prec['adapter_dtype']} / {training['optimizer_state_dtype']} "
+         f"(autocast: {prec['autocast']})"],
+        ["batching, gradient checkpointing", f"{arguments['batching']}, {arguments['gradient_checkpointing']}"],
+        ["optimizer steps / epochs", f"{training['steps']} / {training['epochs']}"],
+        ["training wall time", f"{training['wall_seconds']} s, of which {training['watch_seconds']} s answering "
+                               "the watched prompts"],
+        ["training tokens/s (real tokens, no padding, watch time excluded)", training["tokens_per_second"]],
+        ["peak memory", ", ".join(f"{k} {v}" for k, v in training["memory"].items())],
+        ["energy of the training run", energy_cell(training.get("energy"),
+                                                   (result.get("environment") or {}).get("energy") or {})],
+        ["whole run wall time", f"{result.get('total_wall_seconds')} s"],
+        ["load average at start / end (1, 5, 15 min)", " / ".join(" ".join(map(str, result.get(key) or ["n/a"]))
+                                                                  for key in ("load_average", "load_average_end"))],
+        ["torch CPU threads", result.get("torch_threads")],
+    ]), ""]
+    watch = training.get("format_watch")
+    if watch:
+        lines += watch_markdown(watch)
+    losses = [p["loss"] for p in training["loss_curve"]]
+    if losses:
+        lines += [f"Training loss per step ({losses[0]} → {losses[-1]}): `{sparkline(losses)}`", "", "```",
+                  results_io.bar_chart([(f"step {p['step']}", p["loss"]) for p in training["loss_curve"]],
+                                       digits=3).rstrip(), "```", ""]
+    return lines
+
+
+def watch_markdown(watch: dict) -> list[str]:
+    what = "in the taught format" if watch["check"] == "json-answer" else "correct"
+    reached = watch["first_step_at_target"]
+    stop = (f"; training stopped there (--until-format {watch['until_format']:g})" if watch["stopped_at"] is not None
+            else "")
+    head = (f"≥ {watch['target']:.0%} first reached at step {reached}, {watch['seconds_to_target']:.0f} s into "
+            f"training ({watch['training_seconds_to_target']:.0f} s of it training, the rest answering){stop}"
+            if reached is not None else f"{watch['target']:.0%} not reached")
+    points = watch["curve"]
+    shares = [100 * (p["format_valid"] if p["format_valid"] is not None else p["correct"]) / p["n"] for p in points]
+    return [f"## Held-out answers {what} while training", "",
+            f"{watch['prompts']} held-out prompts (positions {watch['held_out_indices']}), answered greedily every "
+            f"{watch['every']} optimizer steps with the current weights ({watch['answering_seconds']} s in all); "
+            f"step 0 is the untrained model, the last point the final weights. {head}.", "", "```",
+            results_io.bar_chart([(f"step {p['step']} ({p['elapsed_s']:.0f} s)", v) for p, v in zip(points, shares)],
+                                 unit="%").rstrip(),
+            "```", ""]
+
+
 def render_markdown(result: dict) -> str:
     """The run as Markdown: scores before/after, loss curve, throughput, answers side by side."""
     m, before, after = result["model"], result.get("before", {}), result.get("after", {})
@@ -626,26 +958,7 @@ def render_markdown(result: dict) -> str:
                                         score_rows(before, after)), ""]
     training = result.get("training")
     if training:
-        lora = result["lora"]
-        lines += ["## Training", "", results_io.markdown_table(["", "value"], [
-            ["LoRA targets / r / alpha", f"{result['config']['lora_targets']} / {result['config']['arguments']['lora_r']}"
-                                         f" / {result['config']['arguments']['lora_alpha']}"],
-            ["trainable parameters", f"{lora['trainable']:,} of {lora['total']:,} ({lora['trainable_pct']}%)"],
-            ["batching", result["config"]["arguments"]["batching"]],
-            ["optimizer steps / epochs", f"{training['steps']} / {training['epochs']}"],
-            ["training wall time", f"{training['wall_seconds']} s"],
-            ["training tokens/s (real tokens, no padding)", training["tokens_per_second"]],
-            ["peak memory", ", ".join(f"{k} {v}" for k, v in training["memory"].items())],
-            ["whole run wall time", f"{result.get('total_wall_seconds')} s"],
-            ["load average at start (1/5/15 min)", result.get("load_average")],
-            ["torch CPU threads", result.get("torch_threads")],
-        ]), ""]
-        curve = training["loss_curve"]
-        losses = [p["loss"] for p in curve]
-        if losses:
-            lines += [f"Training loss per step ({losses[0]} → {losses[-1]}): `{sparkline(losses)}`", "", "```",
-                      results_io.bar_chart([(f"step {p['step']}", p["loss"]) for p in curve], digits=3).rstrip(),
-                      "```", ""]
+        lines += training_markdown(result)
     if result.get("reproduced"):
         rep = result["reproduced"]
         lines += [f"Reloaded adapter reproduces the saved 'after' answers: {rep['identical']}/{rep['n']} identical.", ""]
@@ -670,13 +983,6 @@ def print_side_by_side(answers: list[dict]) -> None:
 # Runs
 # ----------------------------------------------------------------------------------------------
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 class Run:
     """One run directory; `save()` rewrites its JSON + Markdown after each finished stage."""
 
@@ -686,13 +992,14 @@ class Run:
         self.json_path = self.dir / "finetune_demo.json"
         self.start = time.perf_counter()
         import torch
-        self.result: dict = {"script": "finetune_demo", "load_average": load_average(),
+        self.result: dict = {"script": "finetune_demo", "load_average": results_io.load_average(),
                              "torch_threads": torch.get_num_threads()}
 
     def save(self) -> None:
         if self.rank != 0:
             return
         self.result["total_wall_seconds"] = round(time.perf_counter() - self.start, 1)
+        self.result["load_average_end"] = results_io.load_average()  # other work on the machine meanwhile
         results_io.write_results(self.json_path, self.result, render_markdown(self.result))
 
 
@@ -710,37 +1017,71 @@ def answer_and_score(stage: str, run: Run, model, tokenizer, held_out: list[Exam
     return answers
 
 
+def start_watch(trainer, tokenizer, held_out: list[Example], check: str, args,
+                before: list[str]) -> FormatWatch | None:
+    """The held-out watch hooked into the trainer, its step-0 point taken from the untrained answers;
+    None when off (--watch-every 0, or nothing to check)."""
+    if not args.watch_every or check == "none":
+        return None
+    watch = FormatWatch(trainer.model, tokenizer, held_out, check, args)
+    watch.record(0, [before[i] for i in watch.indices], "before")
+    trainer.add_callback(watch_callback(watch))
+    return watch
+
+
+def finish_watch(watch: FormatWatch, training: dict, after: list[str]) -> None:
+    """The final weights' point (from the "after" answers just given) and the summary, into `training`."""
+    if watch.points[-1].step != training["steps"]:
+        watch.record(training["steps"], [after[i] for i in watch.indices], "after",
+                     elapsed=training["train_runtime_s"])
+    training["format_watch"] = watch.summary()
+
+
 def run_training(args) -> int:
-    """Before eval -> LoRA training -> after eval -> save adapter (and merged model)."""
+    """Before eval -> LoRA training, watched -> after eval -> save adapter (and merged model)."""
     models.set_seed(args.seed)
     run = Run(args, "finetune")
     examples, source = load_examples(args.dataset)
     train_examples, held_out = split_examples(examples, args.eval_fraction, args.seed)
     held_out = held_out[:args.eval_limit]
     check = resolve_check(args.check, args.dataset)
+    if args.until_format is not None and check != "json-answer":
+        raise models.UserError(f"--until-format scores the taught JSON format, but this run checks {check}: "
+                               "add --check json-answer (answers in the JSON format) or drop --until-format")
+    models.require_available([args.model], args.revision, args.cache_dir)
     loaded = load_base_model(args, args.model)
+    defaults = defaults_for_loaded(loaded, args.model)
+    taken = apply_defaults(args, defaults)
+    meter = energy.EnergyMeter.detect(loaded.device)
+    if meter.available:
+        meter.measure_idle(DEFAULT_IDLE_SECONDS)
+    print(meter.status_line(), flush=True)
     tokenizer = loaded.tokenizer
     train_ds = build_dataset(tokenizer, train_examples, args.max_length)
     eval_ds = build_dataset(tokenizer, held_out, args.max_length)
-    run.result.update(environment=results_io.environment(loaded.device, args.seed), model=loaded.context(),
-                      answers=answer_table(held_out))
+    run.result.update(environment={**results_io.environment(loaded.device, args.seed), "energy": meter.describe()},
+                      model=loaded.context(), answers=answer_table(held_out))
     print(f"{loaded.label}: {len(train_ds)} training / {len(held_out)} held-out examples on {loaded.device} "
-          f"({models.dtype_name(loaded.dtype)}), load avg {run.result['load_average']}", flush=True)
+          f"({models.dtype_name(loaded.dtype)}), load avg {run.result['load_average']}\n"
+          f"defaults: {defaults_line(loaded.label, defaults)}", flush=True)
 
-    answer_and_score("before", run, loaded.model, tokenizer, held_out, args, check)
+    before = answer_and_score("before", run, loaded.model, tokenizer, held_out, args, check)
     trainer = make_trainer(args, loaded, train_ds, eval_ds, run.dir / "trainer")
     model = trainer.model
+    watch = start_watch(trainer, tokenizer, held_out, check, args, before)
     targets = model.peft_config["default"].target_modules
     targets = sorted(targets) if isinstance(targets, (set, list)) else targets
-    config = resolved_config(args, loaded, source, targets, trainer.args.gradient_checkpointing)
-    run.result.update(config=config, lora=trainable_parameters(model), dataset={
+    config = resolved_config(args, loaded, source, targets, trainer.args.gradient_checkpointing, defaults, taken)
+    run.result.update(config=config, lora=trainable_parameters(model), precision=precision(trainer), dataset={
         **source, "train_examples": len(train_ds), "held_out_examples": len(eval_ds), "check": check})
     run.result["before"].update(evaluate_held_out(trainer, eval_ds))
     run.save()
 
-    run.result["training"] = train(trainer, loaded.device)
+    run.result["training"] = train(trainer, loaded.device, watch, meter)
     run.result["after"] = evaluate_held_out(trainer, eval_ds)
     after = answer_and_score("after", run, model, tokenizer, held_out, args, check)
+    if watch is not None:
+        finish_watch(watch, run.result["training"], after)
     save_outputs(run, model, tokenizer, config, held_out, after, args)
     run.save()
     print_side_by_side(run.result["answers"])
@@ -789,6 +1130,7 @@ def run_reload(args) -> int:
     _, held_out = split_examples(examples, recorded["eval_fraction"], recorded["seed"])
     held_out = held_out[:args.eval_limit]
     check = resolve_check(args.check if args.check != "auto" else recorded["check"], args.dataset)
+    models.require_available([args.model], args.revision, args.cache_dir)
     loaded = load_base_model(args, args.model)
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
     run.result.update(environment=results_io.environment(loaded.device, args.seed), model=loaded.context(),
@@ -815,8 +1157,19 @@ def print_summary(run: Run) -> None:
             print(f"{stage:>6}: " + ", ".join(parts))
     if "training" in r:
         t = r["training"]
-        print(f"training: {t['steps']} steps in {t['wall_seconds']} s, {t['tokens_per_second']} tokens/s, "
-              f"loss {sparkline([p['loss'] for p in t['loss_curve']])}, {t['memory']}")
+        print(f"training: {t['steps']} steps in {t['wall_seconds']} s ({t['watch_seconds']} s of it answering the "
+              f"watched prompts), {t['tokens_per_second']} tokens/s, loss "
+              f"{sparkline([p['loss'] for p in t['loss_curve']])}, {t['memory']}")
+        p = r["precision"]
+        print(f"dtypes: base {p['base_dtype']}, LoRA {p['adapter_dtype']}, optimizer state "
+              f"{t['optimizer_state_dtype']}, autocast {p['autocast']}")
+        w = t.get("format_watch")
+        if w:
+            curve = " ".join(f"{c['step']}:{c['format_valid'] if c['format_valid'] is not None else c['correct']}"
+                             f"/{c['n']}" for c in w["curve"])
+            reached = (f"first ≥ {w['target']:.0%} at step {w['first_step_at_target']}"
+                       if w["first_step_at_target"] is not None else f"never ≥ {w['target']:.0%}")
+            print(f"watched held-out answers (step:score): {curve}; {reached}")
     if "reproduced" in r:
         print(f"reproduced: {r['reproduced']['identical']}/{r['reproduced']['n']} answers identical")
     print(f"results: {run.json_path} (+ .md), {r.get('total_wall_seconds')} s in all")
@@ -831,9 +1184,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(parser, args)
+    if args.show_defaults:
+        return show_defaults(args.model)
     if args.adapter is not None:
         return run_reload(args)
-    args.model = absolute_if_local(args.model or "smollm2-135m")
+    args.model = absolute_if_local(args.model or DEFAULT_MODEL)
     args.dataset = absolute_if_local(args.dataset or DEFAULT_DATASET)
     args.max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     return run_training(args)

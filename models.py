@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -470,6 +472,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 FALLBACK_STOP = "\nUser:"
+# End-of-turn tokens of the chat formats in the registry: a reply ends at any of them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+DEFAULT_CONTEXT_TOKENS = 2048  # when neither the model config nor the registry states one
+GGUF_QUANT = re.compile(r"(?i)[.-](i?q\d\w*|f16|bf16|f32)$")  # "SmolLM2-135M-Instruct.Q4_1" -> Q4_1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,6 +550,13 @@ def resolve(name: str) -> Resolved:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return Resolved(name, "gguf", str(path.resolve()), gguf_file=ggufs[0].name)
+        raise UnknownModelError(
+            f"directory '{name}' holds no model: it needs config.json with the weights (a transformers model "
+            + (f"directory), or name one of its {len(ggufs)} .gguf files directly." if ggufs else
+               "directory) or a single .gguf file."))
+    if path.is_file() and not name.endswith(".gguf"):
+        raise UnknownModelError(f"'{name}' is a file but not a .gguf model: pass a .gguf file or a model "
+                                "directory with config.json.")
     looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep + os.sep in name
     if _HUB_ID.match(name) and not path.exists() and not looks_local:
         return Resolved(name, "hub", name, spec=_spec_for_hub_id(name))
@@ -554,6 +567,36 @@ def resolve(name: str) -> Resolved:
         f"{what} '{name}': {hint}Run `python download_models.py --list` for the registry "
         "(any Hugging Face id like org/name, a local model directory or a .gguf file also works)."
     )
+
+
+def canonical_name(name: str) -> str:
+    """One spelling per model, so a results row is found again however the model was typed: the
+    registry key, the hub id, or the absolute path of a local directory or GGUF file."""
+    try:
+        resolved = resolve(name)
+    except UserError:
+        return name
+    if resolved.source == "registry":
+        return resolved.spec.key
+    if resolved.gguf_file:
+        return str(Path(resolved.path) / resolved.gguf_file)
+    return resolved.path
+
+
+def disk_bytes(resolved: Resolved, cache_dir: str | None = None) -> int | None:
+    """Size of the weight files on disk (GGUF file, local dir, or the hub cache snapshot); None
+    when the model is not on disk."""
+    if resolved.gguf_file:
+        return (Path(resolved.path) / resolved.gguf_file).stat().st_size
+    folder = Path(resolved.path) if resolved.source == "local" else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(resolved.path, local_files_only=True, cache_dir=cache_dir))
+        except Exception:  # noqa: BLE001  not cached: size unknown, never fatal
+            return None
+    files = [f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    return sum(f.stat().st_size for f in files) or None
 
 
 def _spec_for_hub_id(hub_id: str) -> ModelSpec | None:
@@ -577,9 +620,84 @@ def find_spec(name: str | None) -> ModelSpec | None:
         return REGISTRY[stem]
     for spec in _ENTRIES:  # "<hub name>.Q4_1", "<hub name>-q4_k_m": a quantisation suffix after the name
         base = spec.hf_id.split("/")[-1].lower()
-        if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|iq\d)", stem):
+        if stem == base or re.match(re.escape(base) + r"[.-](q\d|f16|f32|bf16|fp16|fp32|iq\d)", stem):
             return spec
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Can the model be had? Local files, the Hugging Face cache, or a Hub that answers
+# ----------------------------------------------------------------------------------------------
+
+HUB_PROBE_TIMEOUT_S = 2.0  # a reachable Hub answers a TCP connect well within this
+DEFAULT_HUB = "https://huggingface.co"
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be used (HF_HUB_OFFLINE set, or no TCP connection to HF_ENDPOINT within
+    HUB_PROBE_TIMEOUT_S), or None when it answers. Asked once per process; never retried, so an
+    offline machine hears it in a second instead of huggingface_hub's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or DEFAULT_HUB)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"cannot reach {url.scheme}://{url.hostname}:{port} ({exc.strerror or exc})"
+    return None
+
+
+def in_local_cache(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """True when the Hugging Face cache holds `repo_id` (its config.json at that revision)."""
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision), str)
+
+
+def go_offline() -> None:
+    """Make huggingface_hub and transformers use the local cache only (no request, no retry)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:  # it read the variable at import time
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def unavailable(names: list[str], revision: str | None = None, cache_dir: str | None = None) -> dict[str, str]:
+    """{name: why} for every model that is neither local, nor cached, nor on a reachable Hub. When the
+    Hub cannot be reached, the process goes offline so that cached models load without retries.
+
+    Raises:
+        UnknownModelError: a name that is no model at all (checked before any network use).
+    """
+    from_hub = [n for n in names if resolve(n).source in ("registry", "hub")]
+    why = hub_unreachable() if from_hub else None  # local files need no Hub
+    if why is None:
+        return {}
+    go_offline()  # cached models then load at once, where from_pretrained would retry the Hub for a minute
+    return {n: why for n in from_hub if not in_local_cache(resolve(n).path, revision, cache_dir)}
+
+
+def require_available(names: list[str], revision: str | None = None, cache_dir: str | None = None) -> None:
+    """One line and no retries when a model cannot be had.
+
+    Raises:
+        UserError: naming every model that is not local, not cached, and behind an unreachable Hub.
+    """
+    missing = unavailable(names, revision, cache_dir)
+    if missing:
+        raise UserError(offline_message(missing) + ".")
+
+
+def offline_message(missing: dict[str, str]) -> str:
+    """One line for the models `unavailable` found: why, which, and the commands that fix it."""
+    labels = [resolve(n).label for n in missing]
+    return (f"cannot reach the Hugging Face Hub ({next(iter(missing.values()))}) and {', '.join(labels)} "
+            f"{'is' if len(labels) == 1 else 'are'} not in the local cache: connect to the internet, or download "
+            f"{'it' if len(labels) == 1 else 'them'} first (`python download_models.py --models {' '.join(labels)}`) "
+            "and run with HF_HUB_OFFLINE=1, or pass a local model directory or .gguf file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,7 +890,7 @@ def load_tokenizer(resolved: Resolved, *, revision: str | None = None, cache_dir
         UserError: translated hub/file errors (see `explain_error`).
     """
     from transformers import AutoTokenizer
-    with translated_errors(resolved.label):
+    with translated_errors(resolved.label, gguf=resolved.gguf_file):
         tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code,
                                             **_source_kwargs(resolved, revision, cache_dir))
     if tok.pad_token is None:
@@ -810,7 +928,7 @@ def load_model(resolved: Resolved, device: torch.device, dtype: torch.dtype, *, 
                   trust_remote_code=trust_remote_code, **_source_kwargs(resolved, revision, cache_dir))
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map={"": str(device)})
-    with translated_errors(resolved.label, device):
+    with translated_errors(resolved.label, device, gguf=resolved.gguf_file):
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
         if qconfig is None:
             model.to(device)
@@ -861,6 +979,12 @@ def model_revision(resolved: Resolved, model) -> str | None:
     if resolved.gguf_file:
         return "sha256:" + file_sha256(Path(resolved.path) / resolved.gguf_file)[:16]
     return None
+
+
+def gguf_quant(gguf_file: str | None) -> str:
+    """The quantization a GGUF file name states ("Q4_1", "Q4_K_M", "F16"), or "" when it states none."""
+    match = GGUF_QUANT.search(Path(gguf_file or "").stem)
+    return match.group(1).upper() if match else ""
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -933,6 +1057,21 @@ RSS_SAMPLE_S = 0.005  # seconds between RSS samples; short enough to catch a gen
 def process_rss() -> int:
     import psutil
     return psutil.Process().memory_info().rss
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The process's peak so far: allocated GPU memory on CUDA (since the last reset), driver memory on
+    MPS, peak RSS on CPU (every loaded model together)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory()
+    try:
+        import resource
+    except ImportError:  # Windows: no peak figure, the current RSS is the closest
+        return process_rss()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024)
 
 
 class PeakMemory:
@@ -1049,10 +1188,12 @@ def explain_error(exc: BaseException, model: str = "the model", device: torch.de
 
 
 class translated_errors:
-    """Context manager turning recognised load/run failures into a UserError with one line."""
+    """Context manager turning recognised load/run failures into a UserError with one line. With
+    `gguf` set, the errors a malformed GGUF file raises in the reader (struct.error, ValueError, …)
+    are reported as a broken file."""
 
-    def __init__(self, model: str = "the model", device: torch.device | None = None):
-        self.model, self.device = model, device
+    def __init__(self, model: str = "the model", device: torch.device | None = None, gguf: str | None = None):
+        self.model, self.device, self.gguf = model, device, gguf
 
     def __enter__(self):
         return self
@@ -1060,6 +1201,10 @@ class translated_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, (UserError, KeyboardInterrupt)):
             return False
+        if self.gguf and isinstance(exc, (struct.error, ValueError, KeyError, IndexError, EOFError)):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"{self.gguf}: not a readable GGUF file ({first}): it is corrupt, truncated or of an "
+                            "unsupported version; download it again (download_models.py --gguf ... --verify).") from exc
         message = explain_error(exc, self.model, self.device)
         if message is None:
             return False

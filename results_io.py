@@ -42,11 +42,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results get the user's normal mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _json_default(obj):
@@ -178,6 +185,26 @@ def wilson_interval(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_comparison(reference: list[bool], other: list[bool], resamples: int = 2000, seed: int = 0) -> dict:
+    """Two scorings of the same questions, question by question: agreement of the correct/incorrect
+    outcomes, the accuracy difference other − reference with a 95% paired-bootstrap interval (seeded,
+    so a page rebuilt from the same results is byte-identical), and McNemar's exact test on the
+    discordant pairs (b: only the reference right, c: only the other right)."""
+    import random
+    n = len(reference)
+    assert n == len(other) and n > 0, "the same questions, in the same order"
+    b = sum(r and not o for r, o in zip(reference, other))
+    c = sum(o and not r for r, o in zip(reference, other))
+    diffs = [int(o) - int(r) for r, o in zip(reference, other)]
+    rng = random.Random(seed)
+    boot = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    low, high = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    k = min(b, c)  # exact two-sided binomial test of b vs c at p = 1/2
+    p = min(1.0, 2 * sum(math.comb(b + c, i) for i in range(k + 1)) / 2 ** (b + c)) if b + c else 1.0
+    return {"n": n, "same_outcome": n - b - c, "agreement": (n - b - c) / n, "only_reference_right": b,
+            "only_other_right": c, "accuracy_diff": (c - b) / n, "diff_ci95": [low, high], "mcnemar_p": p}
 
 
 def load_average() -> list[float] | None:

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+import energy
 import models
 import results_io
 
 DEFAULT_K = 4
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_TEMPERATURE = 0.0
-DEFAULT_REPEATS = 3
+DEFAULT_REPETITIONS = 3
+DEFAULT_IDLE_SECONDS = 3.0  # idle power before the first method, where an energy counter exists
 DEFAULT_WARMUP = 1
 DEFAULT_NGRAM = 3  # prompt lookup tries the last 3, then 2, then 1 tokens
 DEFAULT_PROMPT_KIND = "all"
@@ -117,7 +119,7 @@ class CachedLM:
         assert fresh, "the cache already holds the whole sequence"
         ids = torch.tensor([fresh], device=self.device)
         with first_layers(self.model, self.n_layers):
-            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True,
                              logits_to_keep=min(keep, len(fresh)))
         self.forwards += 1
         return out.logits[0].float()
@@ -615,7 +617,9 @@ def method_rows(prompt_result: dict) -> list[list]:
     rows = []
     for name, m in prompt_result["methods"].items():
         loss = m.get("lossless")
+        joules = (m.get("energy") or {}).get("per_unit")
         rows.append([name, m["tok_s"], fmt(m.get("speedup_vs_hf"), 2, "×"), fmt(m.get("speedup_vs_loop"), 2, "×"),
+                     fmt(joules and joules["j_per_unit"], 3, " J/tok"), fmt(m.get("energy_vs_hf"), 2, "×"),
                      fmt(m.get("tokens_per_target_forward")), fmt(m.get("alpha")),
                      fmt(m.get("predicted_speedup"), 2, "×"), fmt(m.get("predicted_speedup_measured_verify"), 2, "×"),
                      "–" if loss is None else ("identical" if loss["identical"]
@@ -624,6 +628,7 @@ def method_rows(prompt_result: dict) -> list[list]:
 
 
 METHOD_HEADERS = ["method", "tok/s (mean ± std)", "speedup vs target (HF)", "speedup vs target (our loop)",
+                  "energy", "energy vs target (HF)",
                   "tokens / target fwd", "α", "Leviathan prediction", "prediction with measured verify cost",
                   "greedy lossless"]
 
@@ -641,13 +646,22 @@ def sweep_rows(sweep: list[dict]) -> list[list]:
              "◀ peak" if r["peak"] else ""] for r in sweep]
 
 
+def energy_line(meter: dict) -> str:
+    """How energy was measured (counter, idle watts), or why it was not, once per report."""
+    if not meter.get("available"):
+        return f"Energy: {meter.get('reason') or 'not measured'}."
+    idle = sum((meter.get("idle_watts") or {}).values())
+    return f"Energy: {meter['counter']}, idle {idle:.1f} W; J/tok over the timed repetitions of each method."
+
+
 def render_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Speculative decoding: {report['target']['model']} with draft {report['compatibility']['draft'] if report['compatibility'] else 'none'}",
              "", results_io.environment_markdown(report["environment"]),
              f"k = {s['k']}, max new tokens = {s['max_new_tokens']}, temperature = {s['temperature']}, "
-             f"{s['repeats']} timed repeats after {s['warmup']} warm-up, dtype {report['target']['dtype']}, "
-             f"load average at start {s['load_average']}.", ""]
+             f"{s['repetitions']} timed repetitions after {s['warmup']} warm-up, dtype {report['target']['dtype']}, "
+             f"load average at start {s['load_average']}.", "",
+             energy_line(report["environment"].get("energy") or {}), ""]
     if report["compatibility"]:
         c = report["compatibility"]
         lines += [f"Compatibility: same tokenizer: {c['same_tokenizer']}; vocab target {c['target_vocab']}, "
@@ -697,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"0 = greedy (default: {DEFAULT_TEMPERATURE})")
     parser.add_argument("--ngram", type=int, default=DEFAULT_NGRAM,
                         help=f"longest n-gram prompt lookup matches (default: {DEFAULT_NGRAM})")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"timed runs (default: {DEFAULT_REPEATS})")
+    parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS,
+                        help=f"timed runs (default: {DEFAULT_REPETITIONS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed runs first (default: {DEFAULT_WARMUP})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
@@ -708,8 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(parser, args) -> None:
     if args.k < 1:
         parser.error("--k must be at least 1")
-    if args.max_new_tokens < 1 or args.repeats < 1 or args.warmup < 0 or args.ngram < 1:
-        parser.error("--max-new-tokens, --repeats and --ngram must be positive, --warmup >= 0")
+    if args.max_new_tokens < 1 or args.repetitions < 1 or args.warmup < 0 or args.ngram < 1:
+        parser.error("--max-new-tokens, --repetitions and --ngram must be positive, --warmup >= 0")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
     if args.threads is not None and args.threads < 1:
@@ -748,6 +763,7 @@ class Setup:
     drafter: ModelDrafter | None
     eos_ids: set[int]
     vocab: int  # the target's logit rows
+    meter: energy.EnergyMeter  # joules per method's timed runs, where a counter exists
 
 
 def build_drafter(setup_target: models.Loaded, draft: models.Loaded | None, self_layers: int | None,
@@ -795,15 +811,17 @@ def run_hf(setup: Setup, method: str, enc: dict, k: int, args, trial: int) -> tu
 
 
 def time_method(setup: Setup, method: str, prompt: list[int], enc: dict, k: int, args) -> dict:
-    """Warm-up runs, then `repeats` timed runs of one method; tokens, tok/s and round statistics."""
+    """Warm-up runs, then `repetitions` timed runs of one method; tokens, tok/s and round statistics."""
     drafter = {"ours": setup.drafter, "lookup": LookupDrafter(args.ngram, setup.vocab),
                "loop": NoDrafter(setup.vocab)}.get(method)
-    runs = []
-    for trial in range(args.warmup + args.repeats):
-        if drafter is not None:
-            runs.append(run_ours(setup, drafter, prompt, k, args, trial))
-        else:
-            runs.append(run_hf(setup, method, enc, k, args, trial))
+    runs, readings = [], []
+    for trial in range(args.warmup + args.repetitions):
+        with setup.meter.window() as w:
+            if drafter is not None:
+                runs.append(run_ours(setup, drafter, prompt, k, args, trial))
+            else:
+                runs.append(run_hf(setup, method, enc, k, args, trial))
+        readings.append(w.reading)
     timed_runs = runs[args.warmup:]
     gen = timed_runs[0][0]
     rates = [len(g.tokens) / s for g, s in timed_runs]
@@ -811,6 +829,8 @@ def time_method(setup: Setup, method: str, prompt: list[int], enc: dict, k: int,
               "tok_s_trials": [round(r, 2) for r in rates], "tok_s_mean": results_io.mean_std(rates)[0],
               "seconds_trials": [round(s, 4) for _, s in timed_runs], "target_forwards": gen.target_forwards,
               "tokens_per_target_forward": len(gen.tokens) / gen.target_forwards if gen.target_forwards else None}
+    joules = energy.EnergyReading.combine(readings[args.warmup:])  # speculation trades compute for latency
+    result["energy"] = joules.summary(sum(len(g.tokens) for g, _ in timed_runs)) if joules else None
     if drafter is not None and method != "loop":
         stats = acceptance_stats(gen.rounds, k)
         result.update(stats, draft_forwards=gen.draft_forwards, generation=gen)
@@ -842,6 +862,8 @@ def run_prompt(setup: Setup, kind: str, text: str, args) -> dict:
         res["methods"][method] = m
     for name, m in res["methods"].items():
         m["speedup_vs_hf"] = m["tok_s_mean"] / baseline["tok_s_mean"]
+        if m["energy"] and baseline["energy"]:  # < 1: fewer joules per token than the target alone
+            m["energy_vs_hf"] = m["energy"]["per_unit"]["j_per_unit"] / baseline["energy"]["per_unit"]["j_per_unit"]
         m["speedup_vs_loop"] = m["tok_s_mean"] / loop["tok_s_mean"]
         if args.temperature == 0 and name != "target alone (HF generate)":
             with torch.inference_mode():
@@ -901,6 +923,8 @@ def load_setup(args) -> Setup:
         default_draft, target_name = default_pair(device, dtype)
         draft_name = draft_name or default_draft
     draft_name = draft_name or registry_draft_for(target_name)
+    models.require_available([n for n in (target_name, draft_name) if n and not n.startswith("self:")],
+                             args.revision, args.cache_dir)
     target = models.load_from_args(args, target_name)
     depth = target.model.config.get_text_config().num_hidden_layers
     self_layers = parse_self_draft(draft_name, depth)
@@ -913,7 +937,9 @@ def load_setup(args) -> Setup:
         print(f"warning: {warning}", file=sys.stderr)
     setup = Setup(target, draft, self_layers, compat, methods, CachedLM(target.model),
                   build_drafter(target, draft, self_layers, compat), eos_ids_of(target.model, target.tokenizer),
-                  target.model.config.get_text_config().vocab_size)
+                  target.model.config.get_text_config().vocab_size, energy.EnergyMeter.detect(device))
+    if setup.meter.available:
+        setup.meter.measure_idle(DEFAULT_IDLE_SECONDS)
     return setup
 
 
@@ -928,11 +954,13 @@ def main(argv=None) -> int:
     prompts = {"custom": args.prompt} if args.prompt else (
         PROMPTS if args.prompt_kind == "all" else {args.prompt_kind: PROMPTS[args.prompt_kind]})
     json_path, _ = results_io.result_paths(args.output_dir, "speculative_demo")
-    report = {"environment": results_io.environment(setup.target.device, args.seed, argv),
+    print(setup.meter.status_line())
+    report = {"environment": {**results_io.environment(setup.target.device, args.seed, argv),
+                              "energy": setup.meter.describe()},
               "target": setup.target.context(), "draft": setup.draft.context() if setup.draft else None,
               "compatibility": setup.compat, "methods": setup.methods,
               "settings": {"k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                           "repeats": args.repeats, "warmup": args.warmup, "ngram": args.ngram,
+                           "repetitions": args.repetitions, "warmup": args.warmup, "ngram": args.ngram,
                            "self_layers": setup.self_layers, "threads": torch.get_num_threads(), "load_average": [round(v, 2) for v in os.getloadavg()]},
               "prompts": {}, "sweep": None}
     with models.translated_errors(setup.target.label, setup.target.device):

@@ -1,9 +1,9 @@
 """Training tokens/s: finetune_demo's padding-free batches vs TRL's default padded setup.
 
-    python tests/bench_finetune_throughput.py --model smollm2-135m
-    python tests/bench_finetune_throughput.py --model /tmp/smollm2-135m --max-steps 4 --trials 2
-    python tests/bench_finetune_throughput.py --model smollm2-135m --mmlu-dir ../shared/data/mmlu
-    python tests/bench_finetune_throughput.py --model tinyllama --device cuda --setups ours trl-default
+    python -m tests.bench_finetune_throughput --model smollm2-135m
+    python -m tests.bench_finetune_throughput --model /tmp/smollm2-135m --max-steps 4 --trials 2
+    python -m tests.bench_finetune_throughput --model smollm2-135m --mmlu-dir ../shared/data/mmlu
+    python -m tests.bench_finetune_throughput --model tinyllama --device cuda --setups ours trl-default
 
 Not a test (pytest does not collect it): it prints figures and writes results/bench_finetune-*.json/.md.
 Every setup trains the same model from the same LoRA initialisation on the same examples in the same
@@ -29,15 +29,12 @@ import argparse
 import csv
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts are top-level modules
-
-import finetune_demo  # noqa: E402
-import models  # noqa: E402
+import finetune_demo
+import models
 import results_io  # noqa: E402
 
 DEFAULT_MAX_STEPS = 4
@@ -101,6 +98,7 @@ def run_trial(args, setup: str, examples) -> dict:
     """Fresh model, fresh LoRA, `max_steps` optimizer steps; real tokens/s and the loss per step."""
     fargs = setup_args(args, setup)
     loaded = finetune_demo.load_base_model(fargs, fargs.model)
+    finetune_demo.apply_defaults(fargs, finetune_demo.defaults_for_loaded(loaded, fargs.model))  # r, alpha, lr
     train_ds = finetune_demo.build_dataset(loaded.tokenizer, examples, fargs.max_length)
     scratch = Path(tempfile.mkdtemp(prefix="bench-trainer-"))  # SFTTrainer wants an output_dir; nothing is saved
     trainer = finetune_demo.make_trainer(fargs, loaded, train_ds, None, scratch)
@@ -109,7 +107,8 @@ def run_trial(args, setup: str, examples) -> dict:
     cpu_start = time.process_time()
     result = finetune_demo.train(trainer, loaded.device)
     cpu_seconds = time.process_time() - cpu_start
-    return {"setup": setup, "tokens_per_second": result["tokens_per_second"], "tokens": result["tokens"],
+    return {"setup": setup, "learning_rate": fargs.learning_rate, "lora_r": fargs.lora_r,
+            "tokens_per_second": result["tokens_per_second"], "tokens": result["tokens"],
             "train_runtime_s": result["train_runtime_s"], "cpu_seconds": round(cpu_seconds, 2),
             "tokens_per_cpu_second": round(result["tokens"] / cpu_seconds, 1), "losses": [p["loss"] for p in result["loss_curve"]],
             "memory": result["memory"], **padding}
@@ -170,7 +169,7 @@ def main(argv=None) -> int:
     else:
         examples, _ = finetune_demo.load_examples(args.dataset)
         train_examples, _ = finetune_demo.split_examples(examples, finetune_demo.DEFAULT_EVAL_FRACTION, args.seed)
-    load_start = finetune_demo.load_average()
+    load_start = results_io.load_average()
     trials = []
     for trial in range(args.trials):  # interleave setups so load drift hits each alike
         for setup in args.setups:
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
               "settings": {"max_steps": args.max_steps, "grad_accum": args.grad_accum, "batch_size": args.batch_size,
                            "trials": args.trials, "dataset": args.dataset, "torch_threads": torch.get_num_threads(),
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-              "load_average_start": load_start, "load_average_end": finetune_demo.load_average(),
+              "load_average_start": load_start, "load_average_end": results_io.load_average(),
               "environment": results_io.environment(models.pick_device(args.device), args.seed),
               "trials": trials, "summary": summarise(trials, args.setups)}
     json_path, _ = results_io.result_paths(args.output_dir, "bench_finetune")

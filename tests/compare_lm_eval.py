@@ -1,9 +1,9 @@
 """Check benchmark.py's MMLU against lm-evaluation-harness, question by question.
 
-    python tests/compare_lm_eval.py tasks --mmlu-data ../shared/data/mmlu --out /tmp/lmeval-tasks
+    python -m tests.compare_lm_eval tasks --mmlu-data ../shared/data/mmlu --out /tmp/lmeval-tasks
     lm_eval --model hf --model_args pretrained=/tmp/smollm2-135m,dtype=float32 --include_path /tmp/lmeval-tasks \\
         --tasks localmmlu_abstract_algebra,... --num_fewshot 0 --limit 100 --log_samples --output_path /tmp/lm0
-    python tests/compare_lm_eval.py compare results/benchmark-....json --shots 0 --samples /tmp/lm0
+    python -m tests.compare_lm_eval compare results/benchmark-....json --shots 0 --samples /tmp/lm0
 
 Not collected by pytest (it needs lm-eval installed in a separate environment). `tasks` writes one
 lm-eval task per subject whose template is lm-eval's `mmlu/default/_default_template_yaml` verbatim,
@@ -18,9 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import benchmark  # noqa: E402
+import mmlu
 
 TEMPLATE = """task: localmmlu_{subject}
 dataset_path: json
@@ -50,12 +48,12 @@ def write_tasks(args) -> None:
     out = Path(args.out)
     for subject in args.subjects:
         for split in ("test", "dev"):
-            rows = benchmark.load_mmlu_split(subject, split, args.mmlu_data)
+            rows = mmlu.load_split(subject, split, args.mmlu_data)
             (out / "data" / split).mkdir(parents=True, exist_ok=True)
             lines = [json.dumps({"question": r["question"], "subject": subject, "choices": r["choices"],
                                  "answer": r["answer"]}) for r in rows]
             (out / "data" / split / f"{subject}.jsonl").write_text("\n".join(lines) + "\n")
-        text = TEMPLATE.format(subject=subject, data=(out / "data").resolve(), spaced=benchmark.format_subject(subject))
+        text = TEMPLATE.format(subject=subject, data=(out / "data").resolve(), spaced=mmlu.format_subject(subject))
         (out / f"localmmlu_{subject}.yaml").write_text(text)
     print(f"wrote {len(args.subjects)} tasks to {out}: --tasks " + ",".join(f"localmmlu_{s}" for s in args.subjects))
 
@@ -70,7 +68,7 @@ def lm_eval_samples(samples_dir: Path) -> dict[tuple[str, int], dict]:
             lls = [float(resp[0]) for resp in sample["filtered_resps"]]
             samples[(subject, int(sample["doc_id"]))] = {
                 "context": sample["arguments"]["gen_args_0"]["arg_0"], "loglikelihoods": lls,
-                "prediction": benchmark.LETTERS[max(range(4), key=lambda i: lls[i])]}
+                "prediction": mmlu.LETTERS[max(range(4), key=lambda i: lls[i])]}
     return samples
 
 
@@ -93,9 +91,9 @@ def compare(args) -> int:
             counts[0] += lm["prediction"] == q["prediction"]
             counts[1] += 1
             if args.mmlu_data:
-                docs = benchmark.load_mmlu_split(q["subject"], "test", args.mmlu_data)
-                shots = benchmark.load_mmlu_split(q["subject"], "dev", args.mmlu_data)[:args.shots]
-                same_prompt += benchmark.build_mmlu_prompt(q["subject"], docs[q["index"]], shots) == lm["context"]
+                docs = mmlu.load_split(q["subject"], "test", args.mmlu_data)
+                shots = mmlu.load_split(q["subject"], "dev", args.mmlu_data)[:args.shots]
+                same_prompt += mmlu.build_prompt(q["subject"], docs[q["index"]], shots) == lm["context"]
             if lm["prediction"] != q["prediction"]:
                 print(f"differs: {key} ours {q['prediction']} {q['loglikelihoods']} lm-eval {lm['prediction']} "
                       f"{lm['loglikelihoods']}")
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tasks = sub.add_parser("tasks")
     tasks.add_argument("--mmlu-data", required=True)
-    tasks.add_argument("--subjects", nargs="+", default=list(benchmark.MMLU_DEFAULT_SUBJECTS))
+    tasks.add_argument("--subjects", nargs="+", default=list(mmlu.DEFAULT_SUBJECTS))
     tasks.add_argument("--out", required=True)
     cmp = sub.add_parser("compare")
     cmp.add_argument("run", help="benchmark.py results JSON")

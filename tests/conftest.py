@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the scripts are top-level modules, not a package
-    sys.path.insert(0, str(ROOT))
+import models
 
-import models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The machine must not decide a test's outcome: on CPUs with AMX/AVX512-BF16 `pick_dtype` would choose
 # bf16, elsewhere fp32. Every test runs with the CPU default pinned (fp32 unless the person running the
@@ -165,6 +162,35 @@ def tiny_model_factory(tmp_path_factory, tokenizer_dirs):
         return build_tiny_model(family, root / f"{family}-{next(counter)}",
                                 tokenizer_dirs["chat" if instruct else "base"], seed=seed, **overrides)
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_models) -> Path:
+    """The tiny llama twin written as an F32 GGUF file: the same weights for both engines."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (requirements-llamacpp.txt)")
+    from tests.tiny_gguf import write_llama_gguf
+    return write_llama_gguf(tiny_models["llama"], tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.F32.gguf")
+
+
+@pytest.fixture
+def fake_rapl(tmp_path, monkeypatch) -> Path:
+    """A fake powercap tree whose package counter runs at a constant 20 W, and EnergyMeter.detect
+    pointed at it: the scripts' energy hooks measured end to end without hardware counters."""
+    import time
+
+    import energy
+    zone = tmp_path / "powercap" / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text(f"{2**40}\n")
+    (zone / "energy_uj").write_text("0\n")
+    real_read = energy.read_int
+    monkeypatch.setattr(energy, "read_int", lambda path: int(time.perf_counter() * 20e6) % 2**40
+                        if path.name == "energy_uj" else real_read(path))
+    detect = energy.EnergyMeter.detect.__func__
+    monkeypatch.setattr(energy.EnergyMeter, "detect", classmethod(
+        lambda cls, device="cpu", **kw: detect(cls, device, powercap_root=tmp_path / "powercap")))
+    return tmp_path / "powercap"
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,13 @@ from test_models import _hub_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
+@pytest.fixture(autouse=True)
+def hub_answers(monkeypatch):
+    """In-process tests fake the Hub's API: its reachability check passes as a real Hub's would.
+    (The tests that run the script in a subprocess point it at a closed port instead.)"""
+    monkeypatch.setattr(dm.models, "hub_unreachable", lambda: None)
+
+
 REPO_FILES = ["config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "chat_template.jinja", "README.md", ".gitattributes", "onnx/model.onnx", "original/consolidated.00.pth",
@@ -142,9 +149,9 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path, extra):
     proc = _run(["--models", "tinyllama", *extra, "--output-dir", str(tmp_path / "out")], tmp_path,
                 HF_ENDPOINT="http://127.0.0.1:9")
     assert proc.returncode != 0
-    assert proc.stderr.strip() == ("error: cannot reach the Hugging Face Hub (no network, or the Hub is down): "
-                                   "nothing was downloaded. Connect and run again; models already in the cache "
-                                   "work offline with HF_HUB_OFFLINE=1.")
+    assert proc.stderr.strip() == ("error: cannot reach the Hugging Face Hub (cannot reach http://127.0.0.1:9 "
+                                   "(Connection refused)): nothing was downloaded. Connect and run again; models "
+                                   "already in the cache work offline with HF_HUB_OFFLINE=1.")
     assert "Traceback" not in proc.stderr + proc.stdout
 
 

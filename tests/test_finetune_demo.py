@@ -1,4 +1,4 @@
-"""finetune_demo.py on tiny random-weight models (and the real SmolLM2 for the 'before' claim).
+"""finetune_demo.py on tiny random-weight models, and on the real SmolLM2 GGUF (skipped without ../shared).
 
 Training runs use one CPU thread: on a shared 2-core machine, two OpenMP threads contending with
 other processes make tiny matrix products many times slower, not faster.
@@ -47,6 +47,9 @@ def parse(*argv: str):
     return args
 
 
+LORA_8_16 = ("--lora-r", "8", "--lora-alpha", "16")
+
+
 def make_args(model_dir, dataset, out_dir, *extra: str):
     args = parse("--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out_dir),
                  "--device", "cpu", "--dtype", "fp32", *extra)
@@ -54,6 +57,7 @@ def make_args(model_dir, dataset, out_dir, *extra: str):
 
 
 def trainer_for(args, loaded, examples, tmp_path):
+    finetune_demo.apply_defaults(args, finetune_demo.defaults_for_loaded(loaded, args.model))
     train = finetune_demo.build_dataset(loaded.tokenizer, examples, args.max_length)
     return finetune_demo.make_trainer(args, loaded, train, train, tmp_path / "trainer")
 
@@ -62,15 +66,56 @@ def trainer_for(args, loaded, examples, tmp_path):
 # Arguments and data
 # ------------------------------------------------------------------------------------------------
 
-def test_defaults_follow_the_issue():
+def defaults_of(key):
+    return finetune_demo.defaults_for_spec(models.REGISTRY[key])
+
+
+def test_hyper_parameters_are_left_to_the_model_unless_given():
     args = parse()
-    assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (8, 16, 0.05)
-    assert (args.learning_rate, args.batch_size, args.grad_accum) == (2e-4, 4, 4)
+    assert all(getattr(args, name) is None for name in finetune_demo.DEFAULTED_ARGS)
+    assert args.lora_dropout == 0.05 and args.gradient_checkpointing == "auto"
     assert args.batching == "padding-free" and args.lora_targets is None and args.model is None
+    args = parse("--learning-rate", "2e-4", "--epochs", "3")
+    taken = finetune_demo.apply_defaults(args, defaults_of("smollm2-135m"))
+    assert (args.learning_rate, args.epochs) == (2e-4, 3.0)  # the user's flags win
+    assert (args.lora_r, args.lora_alpha, args.batch_size, args.grad_accum) == (8, 16, 4, 1)
+    assert "learning_rate" not in taken and "epochs" not in taken and "lora_r" in taken
+    assert args.gradient_checkpointing == "off"
+
+
+def test_defaults_per_model_size_and_tuning():
+    small, one_b, base = defaults_of("smollm2-135m"), defaults_of("qwen2.5-1.5b"), defaults_of("pythia-1b")
+    assert (small.learning_rate, small.batch_size * small.grad_accum, small.gradient_checkpointing) == (1e-3, 4, False)
+    assert one_b.learning_rate < small.learning_rate and one_b.gradient_checkpointing
+    assert base.epochs > one_b.epochs and not base.instruct and base.lora_targets == ["query_key_value"]
+    assert all(d.reason and "lr" in d.reason for d in (small, one_b, base))
+
+
+def test_defaults_of_an_unregistered_model_come_from_its_size_and_template(tiny_models):
+    for family, instruct in (("llama", True), ("gpt_neox", False)):
+        loaded = models.load(str(tiny_models[family]), device="cpu", dtype="fp32")
+        chosen = finetune_demo.defaults_for_loaded(loaded, str(tiny_models[family]))
+        assert chosen.instruct is instruct and chosen.params == models.count_parameters(loaded.model)
+        assert chosen.learning_rate == 1e-3 and not chosen.gradient_checkpointing
+
+
+def test_show_defaults_prints_each_default_model_without_loading(monkeypatch, capsys):
+    def refuse(*_a, **_k):
+        raise AssertionError("--show-defaults loaded a model")
+    monkeypatch.setattr(models, "load", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
+    assert finetune_demo.main(["--show-defaults"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == [*models.DEFAULT_MODELS, "smollm2-135m"]
+    pythia = next(line for line in lines if line.startswith("pythia-1b"))
+    assert "lr 5e-4" in pythia and "epochs 2" in pythia and "query_key_value" in pythia and "base model" in pythia
+    assert all(" | lr " in line for line in lines)  # every line carries its reason
 
 
 @pytest.mark.parametrize("argv", [["--lora-r", "0"], ["--eval-fraction", "1.5"], ["--epochs", "-1"],
-                                  ["--batching", "none"], ["--adapter", "x", "--merge"]])
+                                  ["--batching", "none"], ["--adapter", "x", "--merge"], ["--until-format", "1.5"],
+                                  ["--watch-every", "0", "--until-format", "0.9"], ["--watch-every", "-1"],
+                                  ["--check", "exact-match", "--until-format", "0.9"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse(*argv)
@@ -210,7 +255,7 @@ def test_lora_targets_per_family(tiny_models, family, expected):
     loaded = models.load(str(tiny_models[family]), device="cpu", dtype="fp32")
     targets = finetune_demo.resolve_lora_targets(None, loaded)
     assert set(targets) == expected
-    model = get_peft_model(loaded.model, finetune_demo.lora_config(parse(), targets))
+    model = get_peft_model(loaded.model, finetune_demo.lora_config(parse(*LORA_8_16), targets))
     wrapped = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
     assert wrapped == expected
 
@@ -229,7 +274,7 @@ def test_lora_targets_from_the_registry_and_overrides(tiny_models):
 def test_all_linear_wraps_every_projection(tiny_models):
     from peft import get_peft_model
     loaded = models.load(str(tiny_models["llama"]), device="cpu", dtype="fp32")
-    model = get_peft_model(loaded.model, finetune_demo.lora_config(parse(), "all-linear"))
+    model = get_peft_model(loaded.model, finetune_demo.lora_config(parse(*LORA_8_16), "all-linear"))
     wrapped = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -305,6 +350,34 @@ def test_run_writes_before_after_scores_curve_and_metrics(trained_run):
     assert result["lora"]["trainable"] > 0 and 0 < result["lora"]["trainable_pct"] < 100
     md = (run_dir / "finetune_demo.md").read_text()
     assert "Training loss per step" in md and "Held-out answers" in md and "before" in md
+    assert "while training" in md and "optimizer state dtype" in md
+
+
+def test_the_watch_answers_a_fixed_subset_every_n_steps_and_its_time_is_kept_apart(trained_run):
+    run_dir, result = trained_run
+    training, watch = result["training"], result["training"]["format_watch"]
+    curve = watch["curve"]
+    # step 0 = the "before" answers, a point every 5 optimizer steps, then the final weights (step 24)
+    assert [p["step"] for p in curve] == [0, 5, 10, 15, 20, 24]
+    assert [p["source"] for p in curve] == ["before"] + ["watch"] * 4 + ["after"]
+    assert watch["held_out_indices"] == [0, 1] and all(p["n"] == 2 for p in curve)
+    before = sum(finetune_demo.check_json_answer(a["before"]) for a in result["answers"])
+    assert curve[0]["format_valid"] == before
+    assert watch["answering_seconds"] > 0
+    assert watch["answering_seconds"] == pytest.approx(sum(p["seconds"] for p in curve), abs=0.05)
+    assert training["watch_seconds"] == watch["answering_seconds"]
+    assert training["tokens_per_second"] == pytest.approx(
+        training["tokens"] / (training["train_runtime_s"] - training["watch_seconds"]), rel=0.01)
+    assert watch["stopped_at"] is None and watch["until_format"] is None
+    elapsed = [p["elapsed_s"] for p in curve]
+    assert elapsed == sorted(elapsed) and elapsed[0] == 0
+    assert elapsed[-1] == pytest.approx(training["train_runtime_s"], abs=0.1)
+    assert all(p["training_s"] <= p["elapsed_s"] for p in curve)
+
+
+def test_watch_positions_spread_over_the_held_out_split():
+    assert finetune_demo.watch_indices(31) == [0, 3, 7, 11, 15, 19, 23, 27]
+    assert finetune_demo.watch_indices(5) == [0, 1, 2, 3, 4]
 
 
 def test_adapter_is_saved_with_its_resolved_configuration(trained_run, small_dataset, tiny_models):
@@ -351,6 +424,27 @@ def test_smollm2_does_not_answer_in_json_before_training(smollm2_loaded, builtin
     assert sum(finetune_demo.check_json_answer(a) for a in answers) == 0
 
 
+def test_default_training_teaches_smollm2_the_format(smollm2_gguf, tmp_path, recwarn):
+    """The README's command on the real SmolLM2 GGUF with every training default untouched, cut short
+    for CI in two ways: 16 held-out prompts instead of 31, and --until-format 0.9 stops training once
+    the 8 watched prompts answer in the format. The held-out format score must rise by 50+ points."""
+    argv = ["--model", str(smollm2_gguf), "--output-dir", str(tmp_path), "--dtype", "fp32",
+            "--eval-limit", "16", "--until-format", "0.9"]
+    assert finetune_demo.main(argv) == 0
+    (result_path,) = tmp_path.glob("finetune-*/finetune_demo.json")
+    result = json.loads(result_path.read_text())
+    config, chosen = result["config"], defaults_of("smollm2-135m")
+    assert set(finetune_demo.DEFAULTED_ARGS) <= set(config["defaults"]["taken"])  # nothing set by hand
+    assert config["arguments"]["learning_rate"] == chosen.learning_rate
+    before, after = result["before"], result["after"]
+    assert before["n"] == after["n"] == 16
+    assert after["format_valid_pct"] - before["format_valid_pct"] >= 50, (before, after)
+    watch = result["training"]["format_watch"]
+    assert watch["stopped_at"] == watch["first_step_at_target"] == result["training"]["steps"]
+    assert result["training"]["steps"] < 43  # one epoch of 169 examples in batches of 4 is 43 steps
+    assert not [str(w.message) for w in recwarn if "config file" in str(w.message)]  # no Hub lookup on save
+
+
 def test_qlora_int4_trains_only_the_adapter_on_4bit_weights(tiny_models, builtin_examples, tmp_path):
     """bitsandbytes 0.50 runs 4-bit NF4 on CPU: the base linears are Linear4bit, LoRA B moves."""
     import bitsandbytes as bnb
@@ -363,6 +457,23 @@ def test_qlora_int4_trains_only_the_adapter_on_4bit_weights(tiny_models, builtin
     assert all(math.isfinite(p["loss"]) for p in result["loss_curve"]) and len(result["loss_curve"]) == 3
     moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
     assert moved
+
+
+def test_lora_weights_and_optimizer_state_stay_fp32_whatever_the_base_dtype(tiny_models, builtin_examples, tmp_path,
+                                                                           cpu_default_dtype):
+    """A bf16 base (the CPU default with native bf16) trains fp32 LoRA weights with fp32 AdamW moments
+    under bf16 autocast; the results say so, read from the parameters and the optimizer."""
+    args = parse("--model", str(tiny_models["llama"]), "--output-dir", str(tmp_path), "--device", "cpu",
+                 "--max-steps", "2", "--learning-rate", "1e-2")
+    loaded = finetune_demo.load_base_model(args, args.model)
+    trainer = trainer_for(args, loaded, builtin_examples[:8], tmp_path)
+    precision = finetune_demo.precision(trainer)
+    assert precision == {"base_dtype": cpu_default_dtype, "adapter_dtype": "fp32",
+                         "autocast": "bf16" if cpu_default_dtype == "bf16" else "none"}
+    result = finetune_demo.train(trainer, loaded.device)
+    assert result["optimizer_state_dtype"] == "fp32"
+    assert all(math.isfinite(p["loss"]) for p in result["loss_curve"])
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
 def test_merge_with_quantized_weights_is_refused(capsys):

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 
+import engines
 import models
 
 SCRIPTS = ["download_models", "benchmark", "demo_chat", "finetune_demo", "speculative_demo"]
@@ -15,6 +16,7 @@ SCRIPTS = ["download_models", "benchmark", "demo_chat", "finetune_demo", "specul
 def no_model_loads(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("a model was loaded while building a parser")
+    monkeypatch.setattr(engines, "load", refuse)  # llama.cpp loads do not pass through models.load
     monkeypatch.setattr(models, "load", refuse)
     monkeypatch.setattr(models, "load_model", refuse)
     monkeypatch.setattr(models, "build_twin", refuse)

@@ -10,7 +10,6 @@ The real SmolLM2-135M-Instruct checks that self-speculation and lookup are lossl
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -364,7 +363,7 @@ def test_script_writes_results_with_every_method_lossless(tiny_models, noisy_dra
     target_dir = str(tiny_models["llama"])
     draft_dir = noisy_draft.resolved.path
     assert sd.main(["--target", target_dir, "--draft", draft_dir, "--prompt-kind", "summarise",
-                    "--max-new-tokens", "16", "--repeats", "2", "--warmup", "1", "--sweep-k", "1,3",
+                    "--max-new-tokens", "16", "--repetitions", "2", "--warmup", "1", "--sweep-k", "1,3",
                     "--output-dir", str(tmp_path), "--no-color"]) == 0
     data = json.loads(next(tmp_path.glob("speculative_demo-*.json")).read_text())
     methods = data["prompts"]["summarise"]["methods"]
@@ -391,7 +390,7 @@ def test_script_writes_results_with_every_method_lossless(tiny_models, noisy_dra
 def test_script_self_draft_and_universal(tiny_models, foreign_draft, tmp_path):
     target_dir = str(tiny_models["llama"])
     assert sd.main(["--target", target_dir, "--draft", "self:1", "--prompt", "hello world", "--methods",
-                    "ours,hf-assisted", "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0",
+                    "ours,hf-assisted", "--max-new-tokens", "8", "--repetitions", "1", "--warmup", "0",
                     "--output-dir", str(tmp_path / "self")]) == 0
     data = json.loads(next((tmp_path / "self").glob("*.json")).read_text())
     assert data["compatibility"]["draft"] == "self:1" and data["draft"] is None
@@ -400,7 +399,7 @@ def test_script_self_draft_and_universal(tiny_models, foreign_draft, tmp_path):
     # HF's early exit drafts with the target module itself: only full-depth passes count as target passes.
     assert methods["hf-assisted"]["target_forwards"] <= methods["hf-assisted"]["n_tokens"]
     assert sd.main(["--target", target_dir, "--draft", foreign_draft.resolved.path, "--prompt", "hello world",
-                    "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0",
+                    "--max-new-tokens", "8", "--repetitions", "1", "--warmup", "0",
                     "--output-dir", str(tmp_path / "uag")]) == 0
     data = json.loads(next((tmp_path / "uag").glob("*.json")).read_text())
     assert data["methods"][0] == "universal" and not data["compatibility"]["same_tokenizer"]
