@@ -20,8 +20,10 @@ What each figure is:
       ours (benchmark.py's decode): a 16-token random prompt, then N tokens forced (greedy, EOS ignored)
       through engines.stream; tok/s = (N-1) / (time of token N - time of token 1), each step copying the
       logits to numpy and taking their argmax in torch.
-      ours as llama-bench: Engine.begin([BOS]) then N-1 Engine.advance(random token), all N timed: the
-      same work as llama-bench's tg through our engine, so any gap left there is Python's overhead.
+      ours as llama-bench: Engine.begin([BOS]) then N-1 Engine.advance(random token), all N timed, in a
+      context of N cells as llama-bench allocates for tg (benchmark.py's engine has min(4096, trained)
+      cells, and attention then spans a 256-cell window instead of N): the same work as llama-bench's tg
+      through our engine, so any gap left there is Python's overhead.
 
 --library build runs our engine on the built libllama instead of the installed wheel's (llama-cpp-python's
 LLAMA_CPP_LIB_PATH); with a -DGGML_BACKEND_DL=ON build the CPU kernels are a separate library per
@@ -139,6 +141,7 @@ def decode_from_empty_tok_s(engine, new_tokens: int, seed: int) -> float:
 @dataclass
 class OurRunner:
     engine: object
+    tg_engine: object  # the same file in a context of new_tokens cells, as llama-bench's tg has
     prefill_ids: list[int]
     decode_ids: list[int]
     new_tokens: int
@@ -151,11 +154,12 @@ class OurRunner:
         """Uncounted, as llama-bench's warm-up: kernels, allocator, page cache."""
         prefill_tok_s(self.engine, self.prefill_ids)
         decode_tok_s(self.engine, self.decode_ids, min(8, self.new_tokens))
+        decode_from_empty_tok_s(self.tg_engine, min(8, self.new_tokens), self.seed + 2)
 
     def run(self) -> None:
         self.pp.values.append(prefill_tok_s(self.engine, self.prefill_ids))
         self.tg.values.append(decode_tok_s(self.engine, self.decode_ids, self.new_tokens))
-        self.tg_empty.values.append(decode_from_empty_tok_s(self.engine, self.new_tokens, self.seed + 2))
+        self.tg_empty.values.append(decode_from_empty_tok_s(self.tg_engine, self.new_tokens, self.seed + 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +366,11 @@ def main(argv=None) -> int:
     engine = engines.load(args.model, engine="llama.cpp", device="cpu", threads=args.threads)
     context = engine.context()
     print(f"our engine: {context['engine_version']}, library {args.library}: {context['engine_build']}")
-    ours = OurRunner(engine, random_ids(engine, args.prompt_tokens, args.seed),
+    from engines.llamacpp import LlamaCppEngine
+    tg_engine = LlamaCppEngine.load(models.resolve(args.model), device="cpu", dtype="auto", quantize="none",
+                                    revision=None, cache_dir=None, trust_remote_code=False, threads=args.threads,
+                                    n_ctx=args.new_tokens)
+    ours = OurRunner(engine, tg_engine, random_ids(engine, args.prompt_tokens, args.seed),
                      random_ids(engine, DEFAULT_DECODE_CONTEXT_TOKENS, args.seed + 1), args.new_tokens, args.seed,
                      Series(f"ours pp{args.prompt_tokens}"), Series(f"ours tg{args.new_tokens} (benchmark.py)"),
                      Series(f"ours tg{args.new_tokens} (as llama-bench)"))
@@ -372,6 +380,7 @@ def main(argv=None) -> int:
     env = results_io.environment(torch.device("cpu"), args.seed, None)  # load average before the rounds
     run_rounds(ours, main_bench, others, args.rounds)
     engine.close()
+    tg_engine.close()
     comparisons = [compare(ours.pp, main_bench.pp, args.tolerance), compare(ours.tg, main_bench.tg, args.tolerance),
                    compare(ours.tg_empty, main_bench.tg, args.tolerance)]
     print()
