@@ -426,13 +426,13 @@ def draw_png_chart(path: Path, title: str, unit: str, bars: list[tuple[str, floa
     return path
 
 
-def row_name(r: ModelRow, rows: list[ModelRow]) -> str:
+def row_name(r: ModelRow, rows: list[ModelRow], with_hardware: bool = True) -> str:
     """A row's name on charts: the model, plus engine and weights where the model has several rows,
-    plus the hardware where the page covers several."""
+    plus the hardware where the page covers several (unless the context already names it)."""
     twin = " (twin)" if r.speed and r.speed.entry.source == "synthetic" else ""
-    several_hw = len({x.hardware for x in rows if x.speed}) > 1
-    name = r.label + (f" · {r.runs_on}" if r.label in several_formats(rows) else "")
-    return (f"{name} · {r.hardware}" if several_hw else name) + twin
+    several_hw = with_hardware and len({x.hardware for x in rows if x.speed}) > 1
+    name = r.label + (f" · {r.runs_on}" if r.label in several_formats(rows) else "") + twin
+    return f"{name} · {r.hardware}" if several_hw else name
 
 
 def chart_sections(rows: list[ModelRow], img_dir: Path, page_dir: Path) -> list[str]:
@@ -533,19 +533,19 @@ def recommendation_lines(rows: list[ModelRow]) -> list[str]:
             order = ranked(group, lambda r: getattr(r.speed.value, block).mean, True)
             best, runner = order[0][0], (order[1][0] if len(order) > 1 else None)
             a = getattr(best.speed.value, block)
-            text = (f"- **{what} on {hw}: {row_name(best, rows)}** — {a.fmt()} {unit} "
+            text = (f"- **{what} on {hw}: {row_name(best, rows, False)}** — {a.fmt()} {unit} "
                     f"({best.speed.run.rid}, {best.runs_on})")
             if runner:
                 b = getattr(runner.speed.value, block)
                 tie = a.mean - a.std <= b.mean + b.std
-                text += (f"; next {row_name(runner, rows)} {b.fmt()} ({a.mean / b.mean:.2f}×"
+                text += (f"; next {row_name(runner, rows, False)} {b.fmt()} ({a.mean / b.mean:.2f}×"
                          f"{', within one std: a tie' if tie else ''})")
             lines.append(text + ".")
         order = ranked(group, lambda r: r.memory.value.peak_bytes, False)
         best, worst = order[0][0], order[-1][0]
-        lines.append(f"- **Least memory on {hw}: {row_name(best, rows)}** — peak "
+        lines.append(f"- **Least memory on {hw}: {row_name(best, rows, False)}** — peak "
                      f"{results_io.gb(best.memory.value.peak_bytes)} GB above baseline while generating "
-                     f"({best.memory.run.rid}); the largest, {row_name(worst, rows)}, needs "
+                     f"({best.memory.run.rid}); the largest, {row_name(worst, rows, False)}, needs "
                      f"{results_io.gb(worst.memory.value.peak_bytes)} GB.")
     for bench, what in (("mmlu", "MMLU"), ("humaneval", "HumanEval")):
         measured = ranked(rows, lambda r: (measured_quality(r, bench, 5) or [None])[0], True)
@@ -614,7 +614,7 @@ def published_rows(rows: list[ModelRow]) -> str:
 
 def model_section(r: ModelRow, rows: list[ModelRow]) -> list[str]:
     spec, e, rid = r.spec, r.entry, r.entry_run.rid
-    head = f"### {row_name(r, rows)} · {r.hardware}\n"
+    head = f"### {row_name(r, rows, False)} · {r.hardware}\n"
     facts = ""
     if spec:
         facts = (f"[`{spec.hf_id}`]({spec.url}) · {spec.params / 1e9:.2f}B parameters (published) · context "
