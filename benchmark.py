@@ -428,10 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             close = difflib.get_close_matches(subject, mmlu.ALL_SUBJECTS, n=3)
             parser.error(f"unknown MMLU subject '{subject}'" + (f": did you mean {', '.join(close)}?" if close else
                                                                  " (use names like abstract_algebra, or 'all')"))
-    for name in POSITIVE + ("mmlu_limit", "humaneval_limit", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    models.require_at_least_one(parser, args, POSITIVE + ("mmlu_limit", "humaneval_limit", "threads"))
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2: decode speed is measured after the first token")
     if args.humaneval_timeout <= 0 or args.temperature < 0:

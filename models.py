@@ -1238,6 +1238,14 @@ DEFAULT_SEED = 0
 DEFAULT_OUTPUT_DIR = "results"
 
 
+def require_at_least_one(parser, args, names) -> None:
+    """parser.error (one line, exit 2) for any of the integer options `names` given below 1 (None = unset)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
 def add_common_args(parser, *, multi: bool = False, default_models: tuple[str, ...] = DEFAULT_MODELS,
                     default_model: str | None = "smollm2-135m") -> None:
     """--model/--models, --device, --dtype, --quantize, --seed, --output-dir, --revision,

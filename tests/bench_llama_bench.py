@@ -313,10 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not Path(args.model).is_file() or not args.model.endswith(".gguf"):
         parser.error(f"--model {args.model}: not a .gguf file; pass the GGUF to measure.")
-    for name in ("threads", "rounds", "prompt_tokens", "jobs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    models.require_at_least_one(parser, args, ("threads", "rounds", "prompt_tokens", "jobs"))
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2: decode speed is measured after the first token")
     if (args.variant != AUTO or args.also_variants) and "-DGGML_BACKEND_DL=ON" not in (args.cmake_args or ""):

@@ -347,10 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--mmlu-data {args.mmlu_data}: no test/ folder; point it at the MMLU CSV folder.")
     if args.benchmark_results and not Path(args.benchmark_results).is_file():
         parser.error(f"--benchmark-results {args.benchmark_results}: no such file")
-    for name in ("threads", "repetitions", "mmlu_limit", "jobs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    models.require_at_least_one(parser, args, ("threads", "repetitions", "mmlu_limit", "jobs"))
     if any(k < 0 for k in args.mmlu_shots):
         parser.error("--mmlu-shots must be 0 or more")
     args.source = str(Path(args.source).resolve())
