@@ -39,6 +39,14 @@ def common_prefix_length(rows: list[list[int]]) -> int:
     return max(length, 0)
 
 
+def gguf_kept_packed(model) -> bool:
+    """Whether transformers kept a GGUF file's quantized blocks (its GGUF quantizer with `kernels`
+    installed) rather than de-quantizing every tensor, which it does without them."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    return type(quantizer).__name__ == "GgufHfQuantizer" and getattr(config, "dequantize", True) is False
+
+
 class TransformersEngine(Engine):
     name = "transformers"
 
@@ -84,8 +92,11 @@ class TransformersEngine(Engine):
     def context(self) -> dict:
         import transformers
         out = self.loaded.context()
-        weights = f"GGUF {models.gguf_quant(self.resolved.gguf_file)} de-quantized to {out['dtype']}" \
-            if self.resolved.gguf_file else out["dtype"]
+        weights = out["dtype"]
+        if self.resolved.gguf_file:  # named from what loaded, not from the file type
+            how = (f"kept packed (transformers' GGUF kernels, {out['dtype']} activations)"
+                   if gguf_kept_packed(self.model) else f"de-quantized to {out['dtype']}")
+            weights = f"GGUF {models.gguf_quant(self.resolved.gguf_file)} {how}"
         if self.loaded.quantize != "none":
             weights = {"int8": "int8 (bitsandbytes)", "int4": "int4 NF4 (bitsandbytes)"}[self.loaded.quantize]
         out.update(engine=self.name, engine_version=f"transformers {transformers.__version__}", weights=weights,

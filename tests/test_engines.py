@@ -232,3 +232,22 @@ def test_real_gguf_on_both_engines(smollm2_cpp, smollm2_loaded):
     assert "Paris" in reply
     letters = [smollm2_cpp.encode(f" {x}", False) for x in "ABCD"]
     assert all(len(t) == 1 for t in letters) and letters == [hf.encode(f" {x}", False) for x in "ABCD"]
+
+
+def test_a_gguf_on_transformers_is_labelled_by_what_loaded(tiny_gguf):
+    from types import SimpleNamespace
+
+    from engines.hf import gguf_kept_packed
+    engine = engines.load(str(tiny_gguf), engine="transformers", dtype="fp32")
+    try:  # without the `kernels` package transformers de-quantizes every tensor into plain Linear layers
+        assert not gguf_kept_packed(engine.model)
+        assert all(type(m) is torch.nn.Linear for m in engine.model.modules() if "Linear" in type(m).__name__)
+        assert engine.context()["weights"] == "GGUF F32 de-quantized to fp32"
+    finally:
+        engine.close()
+    GgufHfQuantizer = type("GgufHfQuantizer", (), {})  # what transformers attaches when it keeps the blocks
+    packed = GgufHfQuantizer()
+    packed.quantization_config = SimpleNamespace(dequantize=False)
+    assert gguf_kept_packed(SimpleNamespace(hf_quantizer=packed))
+    packed.quantization_config = SimpleNamespace(dequantize=True)
+    assert not gguf_kept_packed(SimpleNamespace(hf_quantizer=packed))
