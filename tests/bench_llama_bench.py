@@ -302,9 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "best this CPU supports)")
     parser.add_argument("--also-variants", nargs="+", default=[], metavar="VARIANT",
                         help="-DGGML_BACKEND_DL=ON builds: time llama-bench alone on these variants too")
-    parser.add_argument("--seed", type=int, default=models.DEFAULT_SEED)
-    parser.add_argument("--output-dir", default=models.DEFAULT_OUTPUT_DIR)
-    llamacpp_tools.add_build_args(parser)
+    llamacpp_tools.add_measurement_args(parser)
     return parser
 
 

@@ -332,9 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prepare-only", action="store_true", help="make and fingerprint the files; measure nothing")
     parser.add_argument("--benchmark-results", metavar="RUN.json", default=None,
                         help="compare the rows of this finished benchmark.py run instead of running a new one")
-    parser.add_argument("--seed", type=int, default=models.DEFAULT_SEED)
-    parser.add_argument("--output-dir", default=models.DEFAULT_OUTPUT_DIR)
-    llamacpp_tools.add_build_args(parser)
+    llamacpp_tools.add_measurement_args(parser)
     return parser
 
 

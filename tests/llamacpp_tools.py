@@ -213,6 +213,13 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help=f"parallel compile jobs (default: {DEFAULT_JOBS})")
 
 
+def add_measurement_args(parser: argparse.ArgumentParser) -> None:
+    """--seed and --output-dir, then the build options: what both benchmark tools take besides their own."""
+    parser.add_argument("--seed", type=int, default=models.DEFAULT_SEED)
+    parser.add_argument("--output-dir", default=models.DEFAULT_OUTPUT_DIR)
+    add_build_args(parser)
+
+
 def build_from_args(args, targets=DEFAULT_TARGETS) -> Build:
     build = build_tools(targets, cmake_args_from(args.cmake_args), args.sdist, args.tools_cache, args.jobs)
     print_build(build)
